@@ -1,0 +1,229 @@
+"""API server benchmark: creates/s, gets/s, a 1,000-object list and watch delivery latency
+through HTTPS, each beside raw SQLite doing the same work in the same run.
+
+Run: ``.venv/bin/python bench/api_store.py [-n 2000] [-c 32] [--watchers 100]``
+(``make bench``). Prints a Markdown table for docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import sqlite3
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.store_raw import _key, raw_sqlite_inserts, sample_object
+from virtshift.testing.platform import PlatformProcess
+
+NS_URL = "/apis/kubevirt.io/v1/namespaces/default/virtualmachines"
+
+
+def _api_object(i: int) -> dict[str, Any]:
+    obj = sample_object(i)
+    meta = obj["metadata"]
+    return {**obj, "metadata": {"name": meta["name"], "labels": meta["labels"],
+                                "annotations": meta["annotations"]}}
+
+
+def percentile(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    idx = min(len(ordered) - 1, max(0, round(p / 100 * (len(ordered) - 1))))
+    return ordered[idx]
+
+
+# ---- raw SQLite baselines ----------------------------------------------------------------------
+
+def raw_gets(path: Path, n: int, total: int) -> float:
+    db = sqlite3.connect(path)
+    keys = [_key(random.randrange(total)) for _ in range(n)]
+    t0 = time.perf_counter()
+    for k in keys:
+        row = db.execute("SELECT value FROM kv WHERE key = ?", (k,)).fetchone()
+        json.loads(row[0])
+    dt = time.perf_counter() - t0
+    db.close()
+    return n / dt
+
+
+def raw_list(path: Path, count: int) -> float:
+    db = sqlite3.connect(path)
+    t0 = time.perf_counter()
+    rows = db.execute("SELECT value FROM kv ORDER BY key LIMIT ?", (count,)).fetchall()
+    items = [json.loads(r[0]) for r in rows]
+    json.dumps({"items": items})
+    dt = time.perf_counter() - t0
+    db.close()
+    return dt
+
+
+def raw_commit_latency(path: Path, n: int) -> list[float]:
+    db = sqlite3.connect(path, isolation_level=None)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=FULL")
+    out = []
+    for i in range(n):
+        t0 = time.perf_counter()
+        db.execute("BEGIN")
+        db.execute("INSERT OR REPLACE INTO kv(key, value, revision) VALUES (?, ?, 0)",
+                   (f"lat-{i}", json.dumps(sample_object(i))))
+        db.execute("COMMIT")
+        out.append(time.perf_counter() - t0)
+    db.close()
+    return out
+
+
+# ---- through the API ---------------------------------------------------------------------------
+
+class Api:
+    def __init__(self, platform: PlatformProcess) -> None:
+        cfg = platform.config()
+        self.cfg = cfg
+        self.session = aiohttp.ClientSession(
+            base_url=cfg.server,
+            connector=aiohttp.TCPConnector(ssl=cfg.ssl_context(), limit=256),
+            headers={"Authorization": f"Bearer {cfg.token}"})
+
+    async def close(self) -> None:
+        await self.session.close()
+
+    async def creates(self, n: int, concurrency: int) -> float:
+        sem = asyncio.Semaphore(concurrency)
+
+        async def one(i: int) -> None:
+            async with sem, self.session.post(NS_URL, json=_api_object(i)) as r:
+                if r.status != 201:
+                    raise RuntimeError(f"create failed: {r.status} {await r.text()}")
+                await r.read()
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(one(i) for i in range(n)))
+        return n / (time.perf_counter() - t0)
+
+    async def gets(self, n: int, total: int, concurrency: int) -> float:
+        sem = asyncio.Semaphore(concurrency)
+
+        async def one() -> None:
+            name = f"vm-{random.randrange(total):07d}"
+            async with sem, self.session.get(f"{NS_URL}/{name}") as r:
+                if r.status != 200:
+                    raise RuntimeError(f"get failed: {r.status}")
+                await r.json()
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(one() for _ in range(n)))
+        return n / (time.perf_counter() - t0)
+
+    async def list_time(self, count: int) -> float:
+        t0 = time.perf_counter()
+        async with self.session.get(NS_URL, params={"limit": str(count)}) as r:
+            body = await r.json()
+        assert len(body["items"]) == count, len(body["items"])
+        return time.perf_counter() - t0
+
+    async def watch_latency(self, watchers: int, writes: int) -> list[float]:
+        """Per delivery: time from sending a write to a watcher receiving its event."""
+        async with self.session.get(NS_URL, params={"limit": "1"}) as r:
+            rv = (await r.json())["metadata"]["resourceVersion"]
+        sent: dict[str, float] = {}
+        latencies: list[float] = []
+        ready = asyncio.Event()
+        opened = 0
+
+        async def watcher() -> None:
+            nonlocal opened
+            params = {"watch": "true", "resourceVersion": rv,
+                      "fieldSelector": "metadata.namespace=default", "timeoutSeconds": "120"}
+            async with self.session.get(NS_URL, params=params,
+                                        timeout=aiohttp.ClientTimeout(total=None)) as resp:
+                opened += 1
+                if opened == watchers:
+                    ready.set()
+                got = 0
+                async for line in resp.content:
+                    ev = json.loads(line)
+                    name = ev["object"]["metadata"]["name"]
+                    if name in sent:
+                        latencies.append(time.perf_counter() - sent[name])
+                        got += 1
+                        if got == writes:
+                            return
+
+        tasks = [asyncio.create_task(watcher()) for _ in range(watchers)]
+        await asyncio.wait_for(ready.wait(), 60)
+        for i in range(writes):
+            name = f"lat-{i:05d}"
+            obj = _api_object(10_000_000 + i)
+            obj["metadata"]["name"] = name
+            sent[name] = time.perf_counter()
+            async with self.session.post(NS_URL, json=obj) as r:
+                assert r.status == 201, await r.text()
+            await asyncio.sleep(0.02)
+        await asyncio.wait_for(asyncio.gather(*tasks), 120)
+        return latencies
+
+
+async def run(n: int, concurrency: int, watchers: int, writes: int) -> str:
+    work = Path(tempfile.mkdtemp(prefix="virtshift-bench-"))
+    raw_db = work / "raw.db"
+    raw_create = raw_sqlite_inserts(raw_db, n)
+    raw_get = raw_gets(raw_db, n, n)
+    raw_list_s = raw_list(raw_db, 1000)
+    raw_lat = raw_commit_latency(raw_db, 200)
+
+    platform = PlatformProcess(work / "platform").start()
+    api = Api(platform)
+    try:
+        api_create = await api.creates(n, concurrency)
+        api_get = await api.gets(n, n, concurrency)
+        api_list_s = statistics.median([await api.list_time(1000) for _ in range(5)])
+        lat = await api.watch_latency(watchers, writes)
+    finally:
+        await api.close()
+        platform.stop()
+
+    def ms(v: float) -> str:
+        return f"{v * 1000:.1f} ms"
+
+    rows = [
+        ("creates/s (durable)", f"{api_create:,.0f}", f"{raw_create:,.0f}",
+         f"{api_create / raw_create:.2f}", ">= 0.33"),
+        ("gets/s", f"{api_get:,.0f}", f"{raw_get:,.0f}", f"{api_get / raw_get:.3f}", ""),
+        ("list 1,000 VMs", ms(api_list_s), ms(raw_list_s), f"{api_list_s / raw_list_s:.1f}x time",
+         ""),
+        (f"watch delivery p50 ({watchers} watchers)", ms(percentile(lat, 50)),
+         ms(percentile(raw_lat, 50)) + " commit", "", ""),
+        (f"watch delivery p99 ({watchers} watchers)", ms(percentile(lat, 99)),
+         ms(percentile(raw_lat, 99)) + " commit", "", "< 50 ms"),
+    ]
+    out = ["| measure | virtshift API (HTTPS) | raw SQLite | ratio | goal |",
+           "|---|---|---|---|---|"]
+    out += [f"| {' | '.join(r)} |" for r in rows]
+    out.append("")
+    out.append(f"n={n}, client concurrency={concurrency}, {watchers} watchers x {writes} writes "
+               f"({len(lat)} deliveries)")
+    return "\n".join(out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("-n", type=int, default=2000)
+    ap.add_argument("-c", "--concurrency", type=int, default=32)
+    ap.add_argument("--watchers", type=int, default=100)
+    ap.add_argument("--writes", type=int, default=50)
+    args = ap.parse_args()
+    print(asyncio.run(run(args.n, args.concurrency, args.watchers, args.writes)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""API kinds as data, typed models, defaulting and validation (admission)."""

@@ -1,0 +1,140 @@
+"""Object metadata rules shared by every kind: names, uids, timestamps, generation, keys."""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import re
+import secrets
+import uuid
+from typing import Any
+
+from virtshift.api.kinds import KindInfo, Obj
+from virtshift.errors import FieldError
+
+DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+DNS1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+LABEL_NAME = re.compile(r"^([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]$")
+LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
+
+_LABEL_MSG = (
+    "a lowercase RFC 1123 label must consist of lower case alphanumeric characters or '-', "
+    "and must start and end with an alphanumeric character (e.g. 'my-name',  or '123-abc', "
+    "regex used for validation is '[a-z0-9]([-a-z0-9]*[a-z0-9])?')"
+)
+_SUBDOMAIN_MSG = (
+    "a lowercase RFC 1123 subdomain must consist of lower case alphanumeric characters, '-' or "
+    "'.', and must start and end with an alphanumeric character (e.g. 'example.com', regex used "
+    "for validation is '[a-z0-9]([-a-z0-9]*[a-z0-9])?(\\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*')"
+)
+
+# Kinds whose names become host names or DNS labels upstream.
+LABEL_NAMED_KINDS = frozenset({"Namespace", "VirtualMachine", "VirtualMachineInstance"})
+
+GENERATE_ALPHABET = "bcdfghjklmnpqrstvwxz2456789"
+
+# Fields the system owns: never taken from a client's create or update body.
+SYSTEM_META = ("uid", "creationTimestamp", "deletionTimestamp", "deletionGracePeriodSeconds",
+               "generation", "resourceVersion", "selfLink")
+
+
+def now_rfc3339() -> str:
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def new_uid() -> str:
+    return str(uuid.uuid4())
+
+
+def generate_name(prefix: str) -> str:
+    return prefix + "".join(secrets.choice(GENERATE_ALPHABET) for _ in range(5))
+
+
+def store_key(kind: KindInfo, namespace: str | None, name: str | None = None) -> str:
+    """``/registry/GROUP/PLURAL/[NS/]NAME``; with no name, the prefix of the collection."""
+    parts = ["", "registry", kind.group or "core", kind.plural]
+    if kind.namespaced and namespace:
+        parts.append(namespace)
+    if name is not None:
+        parts.append(name)
+        return "/".join(parts)
+    return "/".join(parts) + "/"
+
+
+def quote(value: Any) -> str:
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return repr(value)
+
+
+def validate_name(kind: KindInfo, name: Any, path: str = "metadata.name") -> list[FieldError]:
+    if not isinstance(name, str) or not name:
+        return [FieldError("FieldValueRequired", path, "name or generateName is required")]
+    if kind.kind in LABEL_NAMED_KINDS:
+        if len(name) > 63:
+            return [FieldError("FieldValueInvalid", path,
+                               f"{quote(name)}: must be no more than 63 characters")]
+        if not DNS1123_LABEL.match(name):
+            return [FieldError("FieldValueInvalid", path, f"{quote(name)}: {_LABEL_MSG}")]
+        return []
+    if len(name) > 253:
+        return [FieldError("FieldValueInvalid", path,
+                           f"{quote(name)}: must be no more than 253 characters")]
+    if not DNS1123_SUBDOMAIN.match(name):
+        return [FieldError("FieldValueInvalid", path, f"{quote(name)}: {_SUBDOMAIN_MSG}")]
+    return []
+
+
+def _validate_qualified_key(key: str, path: str) -> list[FieldError]:
+    prefix, _, name = key.rpartition("/")
+    errs: list[FieldError] = []
+    if prefix and (len(prefix) > 253 or not DNS1123_SUBDOMAIN.match(prefix)):
+        errs.append(FieldError("FieldValueInvalid", path,
+                               f"{quote(key)}: prefix part {_SUBDOMAIN_MSG}"))
+    if not name or len(name) > 63 or not LABEL_NAME.match(name):
+        errs.append(FieldError(
+            "FieldValueInvalid", path,
+            f"{quote(key)}: name part must consist of alphanumeric characters, '-', '_' or '.', "
+            "and must start and end with an alphanumeric character"))
+    return errs
+
+
+def validate_metadata(kind: KindInfo, meta: Obj) -> list[FieldError]:
+    errs: list[FieldError] = []
+    labels = meta.get("labels") or {}
+    if isinstance(labels, dict):
+        for k, v in labels.items():
+            errs += _validate_qualified_key(str(k), "metadata.labels")
+            if not isinstance(v, str) or len(v) > 63 or not LABEL_VALUE.match(v):
+                errs.append(FieldError(
+                    "FieldValueInvalid", "metadata.labels",
+                    f"{quote(v)}: a valid label must be an empty string or consist of "
+                    "alphanumeric characters, '-', '_' or '.', and must start and end with an "
+                    "alphanumeric character"))
+    annotations = meta.get("annotations") or {}
+    if isinstance(annotations, dict):
+        for k in annotations:
+            errs += _validate_qualified_key(str(k), "metadata.annotations")
+        total = sum(len(str(k)) + len(str(v)) for k, v in annotations.items())
+        if total > 256 * 1024:
+            errs.append(FieldError("FieldValueTooLong", "metadata.annotations",
+                                   "may not be more than 262144 bytes"))
+    for i, ref in enumerate(meta.get("ownerReferences") or []):
+        for f in ("apiVersion", "kind", "name", "uid"):
+            if not isinstance(ref, dict) or not ref.get(f):
+                errs.append(FieldError("FieldValueRequired",
+                                       f"metadata.ownerReferences[{i}].{f}", ""))
+    finalizers = meta.get("finalizers") or []
+    for i, fin in enumerate(finalizers):
+        if not isinstance(fin, str) or not fin:
+            errs.append(FieldError("FieldValueRequired", f"metadata.finalizers[{i}]", ""))
+    return errs
+
+
+def spec_part(obj: Obj) -> Obj:
+    """Everything that counts towards ``metadata.generation``: all but metadata and status."""
+    return {k: v for k, v in obj.items() if k not in ("metadata", "status", "apiVersion", "kind")}
+
+
+def deep(obj: Obj) -> Obj:
+    return copy.deepcopy(obj)

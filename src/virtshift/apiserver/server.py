@@ -1,0 +1,149 @@
+"""Starting the API server: store, credentials, TLS, bootstrap objects, kubeconfig."""
+
+from __future__ import annotations
+
+import asyncio
+import asyncio.base_events
+import contextlib
+import logging
+import os
+import ssl
+from dataclasses import dataclass
+from pathlib import Path
+
+from aiohttp import web
+
+from virtshift.api.kinds import REGISTRY, Registry
+from virtshift.api.schema import SchemaSet, default_schemas
+from virtshift.apiserver.app import ApiServer
+from virtshift.apiserver.auth import ADMIN_GROUPS, ADMIN_USER, TokenAuthenticator, UserInfo
+from virtshift.apiserver.pki import Pki, ensure_pki
+from virtshift.apiserver.resources import WriteContext
+from virtshift.client import kubeconfig
+from virtshift.errors import AlreadyExists, VirtshiftError
+from virtshift.store.base import Store
+from virtshift.store.sqlite import SqliteStore
+
+log = logging.getLogger(__name__)
+
+BOOTSTRAP_NAMESPACES = ("default", "kube-system", "kube-public", "kube-node-lease")
+
+
+class ConfigurationError(VirtshiftError):
+    pass
+
+
+def parse_listen(listen: str) -> tuple[str, int]:
+    host, sep, port = listen.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ConfigurationError(f"--listen must be HOST:PORT, got {listen!r}")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def _env_number(name: str, default: float) -> float:
+    raw = os.environ.get(name)
+    if not raw:
+        return default
+    try:
+        return float(raw)
+    except ValueError:
+        raise ConfigurationError(f"{name} must be a number, got {raw!r}") from None
+
+
+def open_store(url: str | None, data_dir: Path) -> Store:
+    # Tuning for tests and small machines: how many revisions of history watches can resume
+    # from, and how often old history is compacted away.
+    history = int(_env_number("VIRTSHIFT_STORE_HISTORY", 10000))
+    interval = _env_number("VIRTSHIFT_COMPACT_INTERVAL", 60.0)
+    if not url:
+        return SqliteStore(data_dir / "store.db", history=history, compact_interval=interval)
+    if url.startswith("sqlite://"):
+        return SqliteStore(Path(url[len("sqlite://"):]), history=history,
+                           compact_interval=interval)
+    raise ConfigurationError(f"unsupported --store {url!r}: use sqlite:///PATH")
+
+
+@dataclass
+class RunningApiServer:
+    runner: web.AppRunner
+    store: Store
+    server: ApiServer
+    url: str
+    kubeconfig: Path
+
+    async def stop(self) -> None:
+        await self.runner.cleanup()
+        await self.store.close()
+
+
+def _admin_token(data_dir: Path, auth: TokenAuthenticator) -> str:
+    """Reuse the admin token of an existing kubeconfig; issue one on first start."""
+    path = data_dir / "kubeconfig"
+    if path.exists():
+        try:
+            cfg = kubeconfig.load(path)
+            if auth.authenticate(cfg.token) is not None:
+                return cfg.token
+        except kubeconfig.ConfigError as e:
+            log.warning("ignoring unreadable kubeconfig: %s", e)
+    return auth.issue(UserInfo(ADMIN_USER, "", ADMIN_GROUPS))
+
+
+def _prepare(data_dir: Path, host: str) -> tuple[Pki, TokenAuthenticator, str]:
+    """The data directory, certificates and the admin credential (blocking file work)."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    pki = ensure_pki(data_dir / "pki", [host])
+    auth = TokenAuthenticator(data_dir / "tokens.json")
+    return pki, auth, _admin_token(data_dir, auth)
+
+
+async def bootstrap(server: ApiServer) -> None:
+    ns_kind = server.registry.by_kind("", "v1", "Namespace")
+    assert ns_kind is not None
+    ctx = WriteContext(UserInfo(ADMIN_USER, "", ADMIN_GROUPS), field_manager="virtshift")
+    for ns in BOOTSTRAP_NAMESPACES:
+        with contextlib.suppress(AlreadyExists):
+            await server.resources.create(
+                ns_kind, None, {"apiVersion": "v1", "kind": "Namespace",
+                                "metadata": {"name": ns}}, ctx)
+
+
+async def start_api_server(
+    data_dir: Path,
+    listen: str = "127.0.0.1:6443",
+    *,
+    store_url: str | None = None,
+    registry: Registry = REGISTRY,
+    schemas: SchemaSet | None = None,
+) -> RunningApiServer:
+    host, port = parse_listen(listen)
+    pki, auth, token = _prepare(data_dir, host)
+    store = open_store(store_url, data_dir)
+    await store.start()
+    server = ApiServer(store, registry, schemas or default_schemas(), auth)
+    await bootstrap(server)
+    ssl_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ssl_ctx.load_cert_chain(pki.serving_cert, pki.serving_key)
+    runner = web.AppRunner(server.app(), access_log=None, handle_signals=False,
+                           shutdown_timeout=1.0)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port, ssl_context=ssl_ctx, reuse_address=True)
+    try:
+        await site.start()
+    except OSError as e:
+        await runner.cleanup()
+        await store.close()
+        raise ConfigurationError(f"cannot listen on {listen}: {e.strerror or e}") from e
+    actual_port = port
+    server_obj = site._server
+    if isinstance(server_obj, asyncio.base_events.Server) and server_obj.sockets:
+        actual_port = server_obj.sockets[0].getsockname()[1]
+    url_host = f"[{host}]" if ":" in host else host
+    if host in ("0.0.0.0", "::"):
+        url_host = "127.0.0.1"
+    url = f"https://{url_host}:{actual_port}"
+    server.server_address = f"{url_host}:{actual_port}"
+    cfg_path = data_dir / "kubeconfig"
+    kubeconfig.write(cfg_path, kubeconfig.render(url, pki.ca_pem(), token))
+    log.info("API server listening on %s; kubeconfig at %s", url, cfg_path)
+    return RunningApiServer(runner, store, server, url, cfg_path)

@@ -1,0 +1,1 @@
+"""The controller (virt-controller's role): one reconciler per kind."""

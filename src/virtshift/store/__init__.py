@@ -1,0 +1,1 @@
+"""Revisioned, watchable object stores: the Store protocol, SQLite (default) and etcd."""

@@ -1,0 +1,851 @@
+"""SQLite implementation of the :class:`~virtshift.store.base.Store` protocol.
+
+The model is etcd / k3s kine: one global revision that increases by one on every successful
+write, the current state in ``objects`` and the change history in ``events`` (used to replay
+watches), trimmed by compaction.
+
+Durability and concurrency:
+
+* The database runs in WAL mode with ``synchronous=FULL``: a write is acknowledged only after its
+  transaction committed and the WAL was fsynced.
+* Every write goes through one dedicated writer thread with *group commit*: callers enqueue ops
+  and await asyncio futures; the thread drains every pending op, applies them in one transaction
+  (each op gets its own revision; existence and compare-and-swap checks are per op and a failed
+  check fails only that op), commits once, then hands the results back to the event loop, which
+  publishes the events to watchers (in revision order) and resolves the futures.
+* Reads (``get``, ``list``, watch history) use a separate connection on the event loop thread.
+  WAL readers never block the writer, and since futures resolve only after the commit, a read
+  sees every acknowledged write.
+
+One store per database file: the store holds an exclusive ``flock`` on ``<path>.lock``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import queue
+import sqlite3
+import threading
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, NamedTuple
+
+from virtshift.errors import Compacted, KeyExists, KeyNotFound, RevisionMismatch, StoreError
+from virtshift.store.base import Event, ListResult, Record, Value
+
+logger = logging.getLogger(__name__)
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS objects (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL,
+    revision INTEGER NOT NULL,
+    create_revision INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS events (
+    revision INTEGER PRIMARY KEY,
+    key TEXT NOT NULL,
+    type TEXT NOT NULL,
+    value TEXT NOT NULL,
+    prev_value TEXT,
+    create_revision INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS meta (
+    name TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
+);
+INSERT OR IGNORE INTO meta (name, value) VALUES ('schema', 1), ('revision', 0), ('compacted', 0);
+"""
+
+_MAX_BATCH = 1000  # ops per group-commit transaction
+_HISTORY_PAGE = 1000  # events read per query while replaying a watch
+_VACUUM_MIN_FREE_PAGES = 256  # run incremental_vacuum after a compaction above this
+
+_EventType = Literal["PUT", "DELETE"]
+
+
+class _RawEvent(NamedTuple):
+    """An event as stored: values still JSON text, decoded per watcher (fresh dicts)."""
+
+    revision: int
+    type: _EventType
+    key: str
+    value: str
+    prev_value: str | None  # for DELETE: None in storage, the deleted value when decoded
+    create_revision: int
+
+
+class _RawRecord(NamedTuple):
+    key: str
+    value: str
+    revision: int
+    create_revision: int
+
+
+def _dumps(value: Value) -> str:
+    """Compact JSON of a dict; ValueError for NaN/Infinity or strings SQLite cannot store."""
+    if not isinstance(value, dict):
+        raise TypeError(f"store values must be dicts, not {type(value).__name__}")
+    text = json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    _check_utf8(text, "value")
+    return text
+
+
+def _check_utf8(text: str, what: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"{what} is not valid UTF-8 text: {exc}") from None
+
+
+def _loads(text: str) -> Value:
+    value: Value = json.loads(text)
+    return value
+
+
+def _record(raw: _RawRecord) -> Record:
+    return Record(
+        key=raw.key,
+        value=_loads(raw.value),
+        revision=raw.revision,
+        create_revision=raw.create_revision,
+    )
+
+
+def _event(raw: _RawEvent) -> Event:
+    if raw.type == "DELETE":
+        prev: Value | None = _loads(raw.value)
+    else:
+        prev = None if raw.prev_value is None else _loads(raw.prev_value)
+    return Event(
+        type=raw.type,
+        key=raw.key,
+        value=_loads(raw.value),
+        revision=raw.revision,
+        create_revision=raw.create_revision,
+        prev_value=prev,
+    )
+
+
+def prefix_upper_bound(prefix: str) -> str | None:
+    """The smallest string greater than every string that starts with ``prefix``.
+
+    SQLite compares TEXT byte-wise (UTF-8), which orders like code points, so incrementing the
+    last code point that can be incremented gives the exclusive upper bound of a prefix range.
+    ``None`` means no upper bound (empty prefix, or only U+10FFFF characters).
+    """
+    chars = list(prefix)
+    while chars:
+        code = ord(chars[-1]) + 1
+        if 0xD800 <= code <= 0xDFFF:  # surrogates cannot be encoded
+            code = 0xE000
+        if code <= 0x10FFFF:
+            chars[-1] = chr(code)
+            return "".join(chars)
+        chars.pop()
+    return None
+
+
+def _range_sql(prefix: str) -> tuple[str, list[Any]]:
+    """SQL condition (and its parameters) selecting keys that start with ``prefix``."""
+    upper = prefix_upper_bound(prefix)
+    if upper is None:
+        return "key >= ?", [prefix]
+    return "key >= ? AND key < ?", [prefix, upper]
+
+
+# --- writer ops ---------------------------------------------------------------------------------
+
+
+@dataclass
+class _Op:
+    kind: Literal["create", "update", "delete", "compact"]
+    future: asyncio.Future[Any]
+    key: str = ""
+    value: str = ""
+    expected_revision: int | None = None
+    keep: int = 0
+
+
+@dataclass
+class _BatchResult:
+    """What the writer thread hands back to the event loop after one transaction."""
+
+    outcomes: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = field(
+        default_factory=lambda: []
+    )
+    events: list[_RawEvent] = field(default_factory=lambda: [])
+    revision: int = 0
+    compacted: int = 0
+
+
+# --- watchers -----------------------------------------------------------------------------------
+
+
+class _Watcher:
+    """A live subscription: a bounded queue of raw events, filled on the event loop thread."""
+
+    def __init__(self, prefix: str, maxsize: int) -> None:
+        self.prefix = prefix
+        self.maxsize = maxsize
+        self.queue: deque[_RawEvent] = deque()
+        self.ended = False
+        self.overflowed = False
+        self._waiter: asyncio.Future[None] | None = None
+
+    def push(self, raw: _RawEvent) -> bool:
+        """Queue an event; False when the watcher is (now) ended."""
+        if self.ended:
+            return False
+        if len(self.queue) >= self.maxsize:
+            self.overflowed = True
+            self.end()
+            return False
+        self.queue.append(raw)
+        self._wake()
+        return True
+
+    def end(self) -> None:
+        self.ended = True
+        self.queue.clear()
+        self._wake()
+
+    def trim(self, upto: int) -> None:
+        """Drop queued events already delivered (revision <= ``upto``)."""
+        while self.queue and self.queue[0].revision <= upto:
+            self.queue.popleft()
+
+    async def get(self) -> _RawEvent | None:
+        """The next live event, or None once the watcher is ended."""
+        while not self.queue:
+            if self.ended:
+                return None
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        if self.ended:
+            return None
+        return self.queue.popleft()
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+
+# Aliases for use inside SqliteStore, whose ``list`` method shadows the builtin in class scope.
+_EventList = list[_RawEvent]
+_OpList = list[_Op]
+
+
+# --- the store ----------------------------------------------------------------------------------
+
+
+class SqliteStore:
+    """A durable, revisioned, watchable key/value store in one SQLite file.
+
+    ``history``: revisions of change history the background compaction keeps (watches may
+    start at most that far back). ``compact_interval``: seconds between background compactions
+    (0 or less disables them). ``watch_queue_size``: live events a watcher may have pending
+    before it is ended as too slow.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        history: int = 10000,
+        compact_interval: float = 60.0,
+        watch_queue_size: int = 10000,
+    ) -> None:
+        if history < 0:
+            raise ValueError("history must be >= 0")
+        if watch_queue_size < 1:
+            raise ValueError("watch_queue_size must be >= 1")
+        self.path = Path(path)
+        self.history = history
+        self.compact_interval = compact_interval
+        self.watch_queue_size = watch_queue_size
+
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._reader: sqlite3.Connection | None = None
+        self._writer: sqlite3.Connection | None = None
+        self._lock_fd: int | None = None
+        self._ops: queue.SimpleQueue[_Op | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._writer_done: asyncio.Future[None] | None = None
+        self._compactor: asyncio.Task[None] | None = None
+        self._watchers: dict[str, set[_Watcher]] = {}
+        self._started = False
+        self._closing = False
+        self._closed = False
+        self._writer_dead = False  # set by the writer thread when it exits
+
+        # State visible on the event loop (updated when a batch's results arrive).
+        self._revision = 0
+        self._compacted = 0
+        # State owned by the writer thread.
+        self._w_revision = 0
+        self._w_compacted = 0
+        # Counters (written by the writer thread, read anywhere; ints are safe under the GIL).
+        self._commits = 0
+        self._writes = 0
+        self._max_batch = 0
+
+    # --- lifecycle ------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Open the database (creating it when missing) and start the writer and compactor."""
+        if self._started:
+            raise StoreError("store already started")
+        self._loop = asyncio.get_running_loop()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock_fd = self._acquire_lock()
+        try:
+            self._writer = self._open_writer()
+            self._reader = self._open_reader()
+        except BaseException:
+            self._close_connections()
+            self._release_lock()
+            raise
+        self._revision = self._w_revision
+        self._compacted = self._w_compacted
+        self._writer_done = self._loop.create_future()
+        self._thread = threading.Thread(
+            target=self._writer_main, name=f"sqlite-writer:{self.path.name}", daemon=True
+        )
+        self._thread.start()
+        self._started = True
+        if self.compact_interval > 0:
+            self._compactor = asyncio.create_task(
+                self._compact_loop(), name=f"sqlite-compactor:{self.path.name}"
+            )
+        logger.info(
+            "sqlite store %s opened at revision %d (compacted %d)",
+            self.path,
+            self._revision,
+            self._compacted,
+        )
+
+    async def close(self) -> None:
+        """Finish queued writes, stop the compactor and writer, end every watch, close."""
+        if self._closed or self._closing:
+            return
+        self._closing = True
+        if not self._started:
+            self._closed = True
+            return
+        if self._compactor is not None:
+            self._compactor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._compactor
+            self._compactor = None
+        self._ops.put(None)  # the writer finishes everything queued before this, then exits
+        if self._writer_done is not None:
+            await self._writer_done
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            if self._thread.is_alive():
+                logger.error("sqlite writer thread for %s did not exit", self.path)
+        for watchers in self._watchers.values():
+            for w in watchers:
+                w.end()
+        self._watchers.clear()
+        self._close_connections()
+        self._release_lock()
+        self._closed = True
+        logger.info("sqlite store %s closed at revision %d", self.path, self._revision)
+
+    async def __aenter__(self) -> SqliteStore:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # --- properties -----------------------------------------------------------------------------
+
+    @property
+    def revision(self) -> int:
+        return self._revision
+
+    @property
+    def compacted_revision(self) -> int:
+        return self._compacted
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """``commits`` (write transactions), ``writes`` (successful ops), ``max_batch``."""
+        return {"commits": self._commits, "writes": self._writes, "max_batch": self._max_batch}
+
+    # --- writes ---------------------------------------------------------------------------------
+
+    async def create(self, key: str, value: Value) -> Record:
+        raw: _RawRecord = await self._submit("create", key=key, value=_dumps(value))
+        return _record(raw)
+
+    async def update(self, key: str, value: Value, expected_revision: int | None) -> Record:
+        raw: _RawRecord = await self._submit(
+            "update", key=key, value=_dumps(value), expected_revision=expected_revision
+        )
+        return _record(raw)
+
+    async def delete(self, key: str, expected_revision: int | None = None) -> Record:
+        raw: _RawRecord = await self._submit("delete", key=key, expected_revision=expected_revision)
+        return _record(raw)
+
+    async def compact(self, keep: int) -> int:
+        if keep < 0:
+            raise ValueError("keep must be >= 0")
+        compacted: int = await self._submit("compact", keep=keep)
+        return compacted
+
+    async def _submit(self, kind: Any, **fields: Any) -> Any:
+        self._check_open()
+        if "key" in fields:
+            _check_utf8(fields["key"], "key")
+        assert self._loop is not None
+        fut: asyncio.Future[Any] = self._loop.create_future()
+        self._ops.put(_Op(kind=kind, future=fut, **fields))
+        return await fut
+
+    # --- reads ----------------------------------------------------------------------------------
+
+    async def get(self, key: str) -> Record | None:
+        conn = self._read_conn()
+        row = conn.execute(
+            "SELECT key, value, revision, create_revision FROM objects WHERE key = ?", (key,)
+        ).fetchone()
+        return None if row is None else _record(_RawRecord(*row))
+
+    async def list(
+        self, prefix: str, *, limit: int = 0, start_after: str | None = None
+    ) -> ListResult:
+        if limit < 0:
+            raise ValueError("limit must be >= 0")
+        conn = self._read_conn()
+        cond, params = _range_sql(prefix)
+        if start_after is not None:
+            cond += " AND key > ?"
+            params.append(start_after)
+        sql = f"SELECT key, value, revision, create_revision FROM objects WHERE {cond} ORDER BY key"
+        if limit:
+            sql += " LIMIT ?"
+            params.append(limit)
+        conn.execute("BEGIN")  # one snapshot for the revision, the rows and the count
+        try:
+            revision = _meta(conn, "revision")
+            rows = conn.execute(sql, params).fetchall()
+            remaining = 0
+            if limit and len(rows) == limit:
+                rcond, rparams = _range_sql(prefix)
+                remaining = conn.execute(
+                    f"SELECT COUNT(*) FROM objects WHERE {rcond} AND key > ?",
+                    [*rparams, rows[-1][0]],
+                ).fetchone()[0]
+        finally:
+            conn.execute("COMMIT")
+        records = [_record(_RawRecord(*row)) for row in rows]
+        return ListResult(
+            records=records, revision=revision, more=remaining > 0, remaining=remaining
+        )
+
+    # --- watch ----------------------------------------------------------------------------------
+
+    def watch(self, prefix: str, after_revision: int) -> AsyncIterator[Event]:
+        return self._watch(prefix, after_revision)
+
+    async def _watch(self, prefix: str, after_revision: int) -> AsyncIterator[Event]:
+        self._check_open()
+        watcher = _Watcher(prefix, self.watch_queue_size)
+        # Subscribe before reading history: every event committed after this point is queued,
+        # every event committed before it is in the history read below. Dedup by revision.
+        self._watchers.setdefault(prefix, set()).add(watcher)
+        try:
+            last = max(after_revision, 0)
+            first_page = True
+            while True:
+                if watcher.ended:
+                    return
+                page, compacted = self._read_history(prefix, last)
+                if last < compacted:
+                    if first_page:
+                        raise Compacted(after_revision, compacted)
+                    logger.info(
+                        "watch on %r ended: history compacted past %d during replay", prefix, last
+                    )
+                    return
+                first_page = False
+                for raw in page:
+                    yield _event(raw)
+                    last = raw.revision
+                    if watcher.ended:
+                        return
+                watcher.trim(last)
+                if len(page) < _HISTORY_PAGE:
+                    break
+            while True:
+                raw_or_none = await watcher.get()
+                if raw_or_none is None:
+                    if watcher.overflowed:
+                        logger.warning(
+                            "watch on %r ended: more than %d events pending (last delivered %d)",
+                            prefix,
+                            self.watch_queue_size,
+                            last,
+                        )
+                    return
+                if raw_or_none.revision <= last:
+                    continue
+                last = raw_or_none.revision
+                yield _event(raw_or_none)
+        finally:
+            self._unsubscribe(watcher)
+
+    def _read_history(self, prefix: str, after: int) -> tuple[_EventList, int]:
+        if self._closing:
+            return [], 0
+        conn = self._read_conn()
+        cond, params = _range_sql(prefix)
+        conn.execute("BEGIN")
+        try:
+            compacted = _meta(conn, "compacted")
+            rows = conn.execute(
+                "SELECT revision, type, key, value, prev_value, create_revision FROM events"
+                f" WHERE revision > ? AND {cond} ORDER BY revision LIMIT ?",
+                [after, *params, _HISTORY_PAGE],
+            ).fetchall()
+        finally:
+            conn.execute("COMMIT")
+        return [_RawEvent(*row) for row in rows], compacted
+
+    def _unsubscribe(self, watcher: _Watcher) -> None:
+        watchers = self._watchers.get(watcher.prefix)
+        if watchers is not None:
+            watchers.discard(watcher)
+            if not watchers:
+                del self._watchers[watcher.prefix]
+
+    def _publish(self, events: Sequence[_RawEvent]) -> None:
+        """Queue events (in revision order) to every matching watcher. Event loop thread."""
+        if not self._watchers:
+            return
+        dead: list[_Watcher] = []
+        for prefix, watchers in self._watchers.items():
+            for raw in events:
+                if raw.key.startswith(prefix):
+                    for w in watchers:
+                        if not w.push(raw) and w.overflowed:
+                            dead.append(w)
+        for w in dead:
+            self._unsubscribe(w)
+
+    # --- background compaction ------------------------------------------------------------------
+
+    async def _compact_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.compact_interval)
+            try:
+                before = self._compacted
+                compacted = await self.compact(self.history)
+                if compacted != before:
+                    logger.debug("compacted %s up to revision %d", self.path, compacted)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                logger.exception("background compaction of %s failed", self.path)
+
+    # --- event loop side of the writer ----------------------------------------------------------
+
+    def _complete_batch(self, result: _BatchResult) -> None:
+        """Runs on the event loop: publish the batch's events, then resolve its futures."""
+        self._revision = max(self._revision, result.revision)
+        self._compacted = max(self._compacted, result.compacted)
+        try:
+            self._publish(result.events)
+        except Exception:
+            logger.exception("publishing events of %s failed", self.path)
+        for fut, value, exc in result.outcomes:
+            if fut.done():  # the caller was cancelled; the write may still have happened
+                continue
+            if exc is not None:
+                fut.set_exception(exc)
+            else:
+                fut.set_result(value)
+
+    def _to_loop(self, callback: Callable[..., object], *args: object) -> None:
+        assert self._loop is not None
+        try:
+            self._loop.call_soon_threadsafe(callback, *args)
+        except RuntimeError:
+            logger.exception("event loop of sqlite store %s is gone", self.path)
+
+    # --- writer thread --------------------------------------------------------------------------
+
+    def _writer_main(self) -> None:
+        stopping = False
+        try:
+            while not stopping:
+                op = self._ops.get()
+                if op is None:
+                    break
+                batch = [op]
+                while len(batch) < _MAX_BATCH:
+                    try:
+                        nxt = self._ops.get_nowait()
+                    except queue.Empty:
+                        break
+                    if nxt is None:
+                        stopping = True
+                        break
+                    batch.append(nxt)
+                self._run_batch(batch)
+            self._checkpoint()
+        except BaseException:
+            logger.exception("sqlite writer thread of %s crashed", self.path)
+        finally:
+            self._writer_dead = True
+            self._fail_pending()
+            self._to_loop(self._writer_finished)
+
+    def _writer_finished(self) -> None:
+        if self._writer_done is not None and not self._writer_done.done():
+            self._writer_done.set_result(None)
+
+    def _fail_pending(self) -> None:
+        """Fail ops still queued when the writer exits (only after a crash or late submits)."""
+        failed: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
+        while True:
+            try:
+                op = self._ops.get_nowait()
+            except queue.Empty:
+                break
+            if op is not None:
+                failed.append((op.future, None, StoreError("store is closed")))
+        if failed:
+            self._to_loop(self._complete_batch, _BatchResult(outcomes=failed))
+
+    def _run_batch(self, batch: _OpList) -> None:
+        """Apply ``batch`` in one transaction, commit (fsync) once, hand results to the loop.
+
+        A failed check (exists, not found, CAS) fails only its op. An unexpected SQLite error
+        while applying an op rolls the transaction back and retries the ops one transaction each,
+        so it fails only the op that causes it. An error at COMMIT fails the whole batch (the
+        outcome may be ambiguous, so nothing is retried).
+        """
+        conn = self._writer
+        assert conn is not None
+        start_rev, start_compacted = self._w_revision, self._w_compacted
+        result = _BatchResult()
+        compacted_rows = 0
+        committing = False
+        retry_singly = False
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for op in batch:
+                try:
+                    value, event, deleted = self._apply(conn, op)
+                except StoreError as exc:
+                    result.outcomes.append((op.future, None, exc))
+                    continue
+                result.outcomes.append((op.future, value, None))
+                compacted_rows += deleted
+                if event is not None:
+                    result.events.append(event)
+            if self._w_revision != start_rev:
+                conn.execute(
+                    "UPDATE meta SET value = ? WHERE name = 'revision'", (self._w_revision,)
+                )
+            if self._w_compacted != start_compacted:
+                conn.execute(
+                    "UPDATE meta SET value = ? WHERE name = 'compacted'", (self._w_compacted,)
+                )
+            committing = True
+            conn.execute("COMMIT")
+        except Exception as exc:
+            logger.exception(
+                "sqlite write transaction on %s failed (%d ops%s)",
+                self.path,
+                len(batch),
+                ", at commit" if committing else "",
+            )
+            if conn.in_transaction:
+                try:
+                    conn.execute("ROLLBACK")
+                except sqlite3.Error:
+                    logger.exception("rollback on %s failed", self.path)
+            self._w_revision, self._w_compacted = start_rev, start_compacted
+            if not committing and len(batch) > 1:
+                retry_singly = True
+            else:
+                error = StoreError(f"write failed: {exc}")
+                error.__cause__ = exc
+                result = _BatchResult(outcomes=[(op.future, None, error) for op in batch])
+        else:
+            if result.events or compacted_rows:
+                self._commits += 1
+            self._writes += len(result.events)
+            self._max_batch = max(self._max_batch, len(batch))
+        if retry_singly:
+            for op in batch:
+                self._run_batch([op])
+            return
+        result.revision = self._w_revision
+        result.compacted = self._w_compacted
+        self._to_loop(self._complete_batch, result)
+        if compacted_rows:
+            self._incremental_vacuum()
+
+    def _apply(self, conn: sqlite3.Connection, op: _Op) -> tuple[Any, _RawEvent | None, int]:
+        """Apply one op inside the open transaction: (result, event, compacted rows)."""
+        if op.kind == "compact":
+            target = max(self._w_compacted, self._w_revision - op.keep)
+            deleted = 0
+            if target > self._w_compacted:
+                deleted = conn.execute("DELETE FROM events WHERE revision <= ?", (target,)).rowcount
+                self._w_compacted = target
+            return target, None, max(deleted, 0)
+
+        row = conn.execute(
+            "SELECT value, revision, create_revision FROM objects WHERE key = ?", (op.key,)
+        ).fetchone()
+        if op.kind == "create":
+            if row is not None:
+                raise KeyExists(f"key {op.key!r} exists")
+            rev = self._w_revision + 1
+            conn.execute(
+                "INSERT INTO objects (key, value, revision, create_revision) VALUES (?, ?, ?, ?)",
+                (op.key, op.value, rev, rev),
+            )
+            event = _RawEvent(rev, "PUT", op.key, op.value, None, rev)
+            record = _RawRecord(op.key, op.value, rev, rev)
+        else:
+            if row is None:
+                raise KeyNotFound(f"key {op.key!r} not found")
+            old_value, old_rev, create_rev = row
+            if op.expected_revision is not None and op.expected_revision != old_rev:
+                raise RevisionMismatch(old_rev)
+            rev = self._w_revision + 1
+            if op.kind == "update":
+                conn.execute(
+                    "UPDATE objects SET value = ?, revision = ? WHERE key = ?",
+                    (op.value, rev, op.key),
+                )
+                event = _RawEvent(rev, "PUT", op.key, op.value, old_value, create_rev)
+                record = _RawRecord(op.key, op.value, rev, create_rev)
+            else:
+                conn.execute("DELETE FROM objects WHERE key = ?", (op.key,))
+                event = _RawEvent(rev, "DELETE", op.key, old_value, None, create_rev)
+                record = _RawRecord(op.key, old_value, rev, create_rev)
+        conn.execute(
+            "INSERT INTO events (revision, key, type, value, prev_value, create_revision)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            (rev, event.key, event.type, event.value, event.prev_value, event.create_revision),
+        )
+        self._w_revision = rev
+        return record, event, 0
+
+    def _incremental_vacuum(self) -> None:
+        conn = self._writer
+        assert conn is not None
+        try:
+            free = conn.execute("PRAGMA freelist_count").fetchone()[0]
+            if free >= _VACUUM_MIN_FREE_PAGES:
+                conn.execute("PRAGMA incremental_vacuum")
+        except sqlite3.Error:
+            logger.exception("incremental vacuum of %s failed", self.path)
+
+    def _checkpoint(self) -> None:
+        conn = self._writer
+        assert conn is not None
+        try:
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        except sqlite3.Error:
+            logger.exception("final checkpoint of %s failed", self.path)
+
+    # --- connections ----------------------------------------------------------------------------
+
+    def _open_writer(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(
+            self.path, isolation_level=None, check_same_thread=False, timeout=10.0
+        )
+        try:
+            # auto_vacuum only takes effect before the first table exists (new databases).
+            conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
+            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            if str(mode).lower() != "wal":
+                raise StoreError(f"cannot put {self.path} in WAL mode (got {mode})")
+            conn.execute("PRAGMA synchronous = FULL")
+            conn.execute("PRAGMA journal_size_limit = 67108864")
+            conn.executescript(_SCHEMA)
+            revision = _meta(conn, "revision")
+            compacted = _meta(conn, "compacted")
+            top = conn.execute(
+                "SELECT MAX(COALESCE((SELECT MAX(revision) FROM events), 0),"
+                " COALESCE((SELECT MAX(revision) FROM objects), 0))"
+            ).fetchone()[0]
+            if top > revision:  # cannot happen with this code; be safe with foreign writers
+                logger.warning("%s: meta revision %d behind data %d", self.path, revision, top)
+                revision = top
+        except BaseException:
+            conn.close()
+            raise
+        self._w_revision = revision
+        self._w_compacted = compacted
+        return conn
+
+    def _open_reader(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, isolation_level=None, timeout=10.0)
+        conn.execute("PRAGMA query_only = ON")
+        return conn
+
+    def _close_connections(self) -> None:
+        for conn in (self._reader, self._writer):
+            if conn is not None:
+                try:
+                    conn.close()
+                except sqlite3.Error:
+                    logger.exception("closing a connection to %s failed", self.path)
+        self._reader = None
+        self._writer = None
+
+    def _acquire_lock(self) -> int:
+        lock_path = f"{self.path}.lock"
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise StoreError(f"{self.path} is in use by another store") from None
+        return fd
+
+    def _release_lock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # closing drops the flock
+            self._lock_fd = None
+
+    def _check_open(self) -> None:
+        if not self._started:
+            raise StoreError("store is not started")
+        if self._closing:
+            raise StoreError("store is closed")
+        if self._writer_dead:
+            raise StoreError("store writer has stopped (see the log)")
+
+    def _read_conn(self) -> sqlite3.Connection:
+        self._check_open()
+        assert self._reader is not None
+        return self._reader
+
+
+def _meta(conn: sqlite3.Connection, name: str) -> int:
+    row = conn.execute("SELECT value FROM meta WHERE name = ?", (name,)).fetchone()
+    return 0 if row is None else int(row[0])

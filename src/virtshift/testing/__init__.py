@@ -1,0 +1,1 @@
+"""Helpers for tests: running the platform as a real process, and object builders."""
