@@ -4,6 +4,7 @@ changes nothing that is stored."""
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 from collections.abc import Iterator
 from typing import Any
@@ -17,6 +18,8 @@ from virtshift.testing.platform import PlatformProcess
 
 pytestmark = pytest.mark.e2e
 
+# More examples on demand: VIRTSHIFT_FUZZ_EXAMPLES=2000 pytest tests/e2e/test_api_fuzz.py
+FUZZ_EXAMPLES = int(os.environ.get("VIRTSHIFT_FUZZ_EXAMPLES", "80"))
 ALLOWED = {400, 401, 403, 404, 405, 406, 409, 410, 413, 415, 422}
 VM_URL = "/apis/kubevirt.io/v1/namespaces/default/virtualmachines"
 
@@ -74,7 +77,7 @@ def _vm_like(draw_spec: Any, name: Any, api_version: Any, kind: Any) -> dict[str
             "spec": draw_spec}
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=FUZZ_EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
 @given(body=st.binary(max_size=200))
 def test_random_bytes_are_rejected_cleanly(api: Api, body: bytes) -> None:
     before = api.snapshot()
@@ -85,7 +88,7 @@ def test_random_bytes_are_rejected_cleanly(api: Api, body: bytes) -> None:
     assert api.snapshot() == before
 
 
-@settings(max_examples=80, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=FUZZ_EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
 @given(spec=json_values,
        name=st.one_of(st.text(max_size=70), st.none(), st.integers()),
        api_version=st.sampled_from(["kubevirt.io/v1", "v1", "kubevirt.io/v2", None, 7]),
@@ -102,7 +105,7 @@ def test_random_objects_never_break_the_server(api: Api, spec: Any, name: Any,
     assert api.snapshot() == before
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=FUZZ_EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
 @given(patch=json_values, ptype=st.sampled_from([
     "application/json-patch+json", "application/merge-patch+json",
     "application/strategic-merge-patch+json", "application/apply-patch+yaml", "text/plain"]))
@@ -149,6 +152,17 @@ def test_specific_bad_requests(api: Api) -> None:
         assert resp.status_code == code, (method, path, ctype, resp.status_code, resp.text[:300])
         _check_status(resp)
     assert api.snapshot() == before
+
+
+def test_warning_headers_survive_odd_field_names(api: Api) -> None:
+    vm = {"apiVersion": "kubevirt.io/v1", "kind": "VirtualMachine",
+          "metadata": {"name": "odd-fields"},
+          "spec": {"runStrategy": "Halted", "template": {"spec": {"domain": {"devices": {}}}},
+                   "\x1f\u00e9": 1}}
+    resp = api.call("POST", VM_URL + "?fieldValidation=Warn", json.dumps(vm).encode())
+    assert resp.status_code == 201, resp.text
+    assert "unknown field" in resp.headers["Warning"]
+    assert api.call("DELETE", f"{VM_URL}/odd-fields").status_code == 200
 
 
 def test_missing_token_is_401(platform: PlatformProcess) -> None:

@@ -29,8 +29,15 @@ def json_response(obj: Any, status: int = 200, *, content_type: str = JSON,
     resp = web.Response(body=dumps(obj), status=status)
     resp.headers["Content-Type"] = content_type
     for w in warnings or []:
-        resp.headers.add("Warning", '299 - "' + w.replace('"', '\\"') + '"')
+        resp.headers.add("Warning", warning_header(w))
     return resp
+
+
+def warning_header(text: str) -> str:
+    """An RFC 7234 warning (code 299) as Kubernetes sends it; control and non-ASCII characters
+    are escaped so the header is always valid."""
+    quoted = json.dumps(text, ensure_ascii=True)  # escapes quotes, controls and non-ASCII
+    return f"299 - {quoted}"
 
 
 @dataclass(frozen=True)
