@@ -221,7 +221,7 @@ def fields_v1(fields: Iterable[Path]) -> Obj:
         out: Obj = {}
         if node and path in members:
             out["."] = {}
-        for token in sorted(node, key=_token_key):
+        for token in (sorted(node, key=_token_key) if len(node) > 1 else node):
             out[token] = emit(node[token], (*path, token))
         return out
 

@@ -18,7 +18,6 @@ JSON patch follows the evanphx/json-patch v4 library kube-apiserver vendors, qui
 
 from __future__ import annotations
 
-import copy
 import re
 from collections.abc import Mapping
 from typing import Any, Final
@@ -32,6 +31,7 @@ from virtshift.api.gojson import (
     json_equal,
     rejected,
 )
+from virtshift.api.jsonvalue import clone
 from virtshift.api.smp import ListType, list_type, strategic_merge_patch
 from virtshift.errors import BadRequest, RequestEntityTooLarge
 
@@ -166,7 +166,7 @@ def _apply_op(root: list[Any], op: Any) -> None:
         op = {}
     kind = _op_string(op, "op") or "unknown"
     path = _op_string(op, "path")
-    value = copy.deepcopy(op.get("value"))
+    value = clone(op.get("value"))
     no_path = f"operation missing path field: {_MISSING}"
     if kind == "add":
         if path is None:
@@ -255,7 +255,7 @@ def _move_or_copy(root: list[Any], op: Mapping[str, Any], kind: str, path: str |
         except _OpFailed as e:
             raise _OpFailed(f"error in move for path: '{key}': {e.message}") from None
     else:
-        value = copy.deepcopy(value)
+        value = clone(value)
     if path is None:
         detail = f"operation missing path field: {_MISSING}" if kind == "move" else _MISSING
         raise _OpFailed(f"{kind} operation failed to decode path: {detail}")
@@ -305,7 +305,7 @@ def json_patch(obj: Obj, ops: Any) -> Obj:
     (422) with kube-apiserver's generic message. ``null`` is an empty patch.
     """
     checked = _check_json_patch(ops)
-    root: list[Any] = [copy.deepcopy(obj)]
+    root: list[Any] = [clone(obj)]
     for op in checked:
         try:
             _apply_op(root, op)
@@ -355,6 +355,6 @@ def merge_patch(obj: Obj, patch: Any) -> Obj:
     if not isinstance(patch, dict):
         raise BadRequest(f"error decoding patch: json: cannot unmarshal {go_json_type(patch)} "
                          "into Go value of type map[string]interface {}")
-    doc = copy.deepcopy(obj)
-    _merge_docs(doc, copy.deepcopy(patch))
+    doc = clone(obj)
+    _merge_docs(doc, clone(patch))
     return doc

@@ -27,6 +27,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Final
 
+from virtshift.api.jsonvalue import clone
 from virtshift.api.kinds import (
     CDI_SCHEMA_SOURCE,
     CORE_SCHEMA_SOURCE,
@@ -181,13 +182,6 @@ class _Ctx:
         ))
 
 
-def _plain_copy(value: Any) -> Any:
-    """A deep copy of JSON-like data (much cheaper than copy.deepcopy)."""
-    if isinstance(value, dict):
-        return {k: _plain_copy(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_plain_copy(v) for v in value]
-    return value
 
 
 def _expected(node: _Node) -> str:
@@ -209,7 +203,7 @@ def _check(node: _Node, value: Any, path: str, ctx: _Ctx) -> Any:
     if kind == _OBJECT:
         if not isinstance(value, dict):
             ctx.type_error(path, value, "object")
-            return _plain_copy(value)
+            return clone(value)
         out: Obj = {}
         props = node.props
         additional = node.additional
@@ -220,7 +214,7 @@ def _check(node: _Node, value: Any, path: str, ctx: _Ctx) -> Any:
                 if additional is not None:
                     sub = additional
                 elif node.preserve:
-                    out[key] = _plain_copy(sub_value)
+                    out[key] = clone(sub_value)
                     continue
                 else:
                     ctx.unknown(prefix + key)
@@ -237,10 +231,10 @@ def _check(node: _Node, value: Any, path: str, ctx: _Ctx) -> Any:
     if kind == _ARRAY:
         if not isinstance(value, list):
             ctx.type_error(path, value, "array")
-            return _plain_copy(value)
+            return clone(value)
         items = node.items
         if items is None:
-            return _plain_copy(value)
+            return clone(value)
         result: list[Any] = []
         for i, item in enumerate(value):
             item_path = f"{path}[{i}]"
@@ -252,7 +246,7 @@ def _check(node: _Node, value: Any, path: str, ctx: _Ctx) -> Any:
         return result
     if kind == _SCALAR:
         return _check_scalar(node, value, path, ctx)
-    return _plain_copy(value)
+    return clone(value)
 
 
 def _check_scalar(node: _Node, value: Any, path: str, ctx: _Ctx) -> Any:
@@ -300,7 +294,7 @@ def _check_scalar(node: _Node, value: Any, path: str, ctx: _Ctx) -> Any:
                 return value
     else:
         ctx.type_error(path, value, _expected(node))
-        return _plain_copy(value)
+        return clone(value)
     if node.enum and value not in node.enum:
         supported = ", ".join(_quote(e) for e in node.enum)
         ctx.errors.append(FieldError(
@@ -499,7 +493,7 @@ class SchemaSet:
             raise BadRequest(f"the body of a {kind.kind} must be a JSON object")
         key = self.kind_definition(kind)
         if key is None:
-            return _plain_copy(obj), []
+            return clone(obj), []
         ctx = _Ctx(field_validation)
         pruned = _check(self._root_node(key), obj, "", ctx)
         if ctx.errors:

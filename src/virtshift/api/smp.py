@@ -21,7 +21,6 @@ deletes instead of replacing the list.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final, Literal
@@ -34,6 +33,7 @@ from virtshift.api.gojson import (
     json_equal,
     rejected,
 )
+from virtshift.api.jsonvalue import clone
 from virtshift.api.kinds import KindInfo
 from virtshift.errors import BadRequest, UnsupportedMediaType
 
@@ -500,8 +500,8 @@ def strategic_merge_patch(kind: KindInfo, obj: Obj, patch: Any) -> Obj:
     if not kind.builtin:
         raise UnsupportedMediaType(SMP_UNSUPPORTED_MESSAGE)
     if patch is None:
-        return copy.deepcopy(obj)
+        return clone(obj)
     if not isinstance(patch, dict):
         raise BadRequest(f"json: cannot unmarshal {go_json_type(patch)} into Go value of type "
                          "map[string]interface {}")
-    return _smp_map(kind, copy.deepcopy(obj), copy.deepcopy(patch), ())
+    return _smp_map(kind, clone(obj), clone(patch), ())

@@ -28,13 +28,13 @@ schema-driven struct/map distinctions below the built-in kinds' top-level struct
 
 from __future__ import annotations
 
-import copy
 import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any, Final
 
 from virtshift.api.gojson import json_equal
+from virtshift.api.jsonvalue import clone
 from virtshift.api.kinds import KindInfo
 from virtshift.api.managedfields import (
     APPLY,
@@ -103,7 +103,7 @@ _ABSENT: Final = object()
 
 
 def _without_managed(obj: Any) -> Obj:
-    out = copy.deepcopy(obj) if isinstance(obj, dict) else {}
+    out = clone(obj) if isinstance(obj, dict) else {}
     meta = out.get("metadata")
     if isinstance(meta, dict):
         meta.pop("managedFields", None)
@@ -114,7 +114,7 @@ def _fill(zero: Obj, obj: Obj) -> Obj:
     out = dict(obj)
     for key, value in zero.items():
         if key not in out:
-            out[key] = copy.deepcopy(value)
+            out[key] = clone(value)
         elif isinstance(out[key], dict):
             out[key] = _fill(value, out[key])
     return out
@@ -157,10 +157,9 @@ def update_managed_fields(kind: KindInfo, old: Obj | None, new: Obj, *, manager:
     A non-empty ``managedFields`` list in ``new`` (on the main resource) replaces the live
     entries first, as kube-apiserver lets clients rewrite them; ``[{}]`` clears them.
     """
-    result = copy.deepcopy(new)
-    meta = result.get("metadata")
-    if not isinstance(meta, dict):
-        meta = result["metadata"] = {}
+    # Only metadata.managedFields changes: copy the top level and metadata, share the rest.
+    meta = dict(new.get("metadata") or {}) if isinstance(new.get("metadata"), dict) else {}
+    result = {**new, "metadata": meta}
     given = meta.pop("managedFields", None)
     if isinstance(given, list) and given and not subresource:
         entries = decode_entries(given)
@@ -226,7 +225,7 @@ def _merge(kind: KindInfo, live: Any, config: Any, names: Names, leaf: bool) -> 
     if leaf or live is _ABSENT:
         return _drop_nulls(config)
     if isinstance(live, dict) and isinstance(config, dict):
-        out = copy.deepcopy(live)
+        out = clone(live)
         for key, value in config.items():
             if value is None:
                 out.pop(key, None)
@@ -244,7 +243,7 @@ def _merge(kind: KindInfo, live: Any, config: Any, names: Names, leaf: bool) -> 
                 c = config_by.get(token)
                 o = live_by.get(token)
                 if c is None and o is not None:
-                    merged.append(copy.deepcopy(o.value))
+                    merged.append(clone(o.value))
                 elif c is not None:
                     base = o.value if o is not None else _ABSENT
                     merged.append(_merge(kind, base, c.value, c.names, c.leaf))
@@ -306,7 +305,7 @@ def _keep_reset_fields(kind: KindInfo, subresource: str, live: Obj, merged: Obj)
     """Undo what the write may not change: ``status`` on the main resource of a kind with a
     status subresource, everything but ``status`` on the status subresource."""
     if subresource == "status":
-        out = copy.deepcopy(live)
+        out = clone(live)
         if "status" in merged:
             out["status"] = merged["status"]
         else:
@@ -314,7 +313,7 @@ def _keep_reset_fields(kind: KindInfo, subresource: str, live: Obj, merged: Obj)
         return out
     if subresource == "" and kind.has_status:
         if "status" in live:
-            merged["status"] = copy.deepcopy(live["status"])
+            merged["status"] = clone(live["status"])
         else:
             merged.pop("status", None)
     return merged

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
 import yaml
 from aiohttp import web
 
@@ -20,7 +22,7 @@ TABLE_GROUP = "meta.k8s.io"
 
 
 def dumps(obj: Any) -> bytes:
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
+    return orjson.dumps(obj)
 
 
 def json_response(obj: Any, status: int = 200, *, content_type: str = JSON,
@@ -95,6 +97,11 @@ async def read_body(request: web.Request, *, allow_empty: bool = False) -> Any:
     ctype = request.headers.get("Content-Type", JSON).split(";")[0].strip().lower()
     if ctype == protobuf.PROTOBUF:
         return protobuf.decode(bytes(raw))
+    if ctype == JSON or ctype.endswith("+json") or ctype == "":
+        try:
+            return orjson.loads(bytes(raw))
+        except orjson.JSONDecodeError as e:
+            raise BadRequest(f"couldn't decode the body as JSON: {e}") from e
     text = bytes(raw).decode("utf-8", errors="replace")
     if ctype in YAML_TYPES:
         try:
@@ -104,11 +111,6 @@ async def read_body(request: web.Request, *, allow_empty: bool = False) -> Any:
         if len(docs) != 1:
             raise BadRequest("the body of the request must hold exactly one YAML document")
         return _json_safe(docs[0])
-    if ctype == JSON or ctype.endswith("+json") or ctype == "":
-        try:
-            return json.loads(text)
-        except json.JSONDecodeError as e:
-            raise BadRequest(f"couldn't decode the body as JSON: {e}") from e
     raise UnsupportedMediaType(
         f'the body of the request was in an unknown format "{ctype}" - accepted media types '
         "include: application/json, application/yaml")
@@ -124,6 +126,8 @@ def _json_safe(value: Any) -> Any:
         return {str(k): _json_safe(v) for k, v in value.items()}
     if isinstance(value, list):
         return [_json_safe(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        raise BadRequest(f"the body holds a number JSON cannot represent: {value}")
     if value is None or isinstance(value, (str, int, float, bool)):
         return value
     if hasattr(value, "isoformat"):

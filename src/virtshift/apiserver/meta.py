@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import copy
 import datetime
 import re
 import secrets
 import uuid
 from typing import Any
 
+from virtshift.api.jsonvalue import clone
 from virtshift.api.kinds import KindInfo, Obj
 from virtshift.errors import FieldError
 
@@ -136,5 +136,21 @@ def spec_part(obj: Obj) -> Obj:
     return {k: v for k, v in obj.items() if k not in ("metadata", "status", "apiVersion", "kind")}
 
 
+def api_object(kind: KindInfo, value: Obj, revision: int) -> Obj:
+    """A stored value as the API shows it: version, kind and resourceVersion set. Only the top
+    level and metadata are copied, so the stored value is never changed (callers that edit
+    deeper must clone first)."""
+    meta = value.get("metadata")
+    meta = dict(meta) if isinstance(meta, dict) else {}
+    meta["resourceVersion"] = str(revision)
+    return {**value, "apiVersion": kind.api_version, "kind": kind.kind, "metadata": meta}
+
+
+def storable(obj: Obj) -> Obj:
+    """The object as stored: without ``metadata.resourceVersion`` (the store's revision is)."""
+    meta = {k: v for k, v in (obj.get("metadata") or {}).items() if k != "resourceVersion"}
+    return {**obj, "metadata": meta}
+
+
 def deep(obj: Obj) -> Obj:
-    return copy.deepcopy(obj)
+    return clone(obj)

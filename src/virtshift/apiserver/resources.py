@@ -97,11 +97,7 @@ class Resources:
     # ---- reading -----------------------------------------------------------------------------
 
     def to_api(self, kind: KindInfo, rec: Record) -> Obj:
-        obj = m.deep(rec.value)
-        obj["apiVersion"] = kind.api_version
-        obj["kind"] = kind.kind
-        obj.setdefault("metadata", {})["resourceVersion"] = str(rec.revision)
-        return obj
+        return m.api_object(kind, rec.value, rec.revision)
 
     def not_found(self, kind: KindInfo, name: str) -> NotFound:
         return NotFound(f'{kind.group_resource} "{name}" not found',
@@ -250,7 +246,8 @@ class Resources:
 
     async def create(self, kind: KindInfo, ns: str | None, body: Any, ctx: WriteContext,
                      *, managed_done: bool = False) -> Obj:
-        obj = m.deep(self._check_body_type(kind, body))
+        # The body is the caller's to give away (a freshly decoded request): no copy is made.
+        obj = self._check_body_type(kind, body)
         meta = obj.setdefault("metadata", {})
         if kind.namespaced:
             body_ns = meta.get("namespace")
@@ -404,8 +401,7 @@ class Resources:
         if ctx.dry_run:
             return new
         key = m.store_key(kind, ns, name)
-        stored = m.deep(new)
-        stored["metadata"].pop("resourceVersion", None)
+        stored = m.storable(new)
         try:
             if deleting and not self._blocking_finalizers(kind, stored):
                 deleted = await self.store.delete(key, expected_revision=rec.revision)
@@ -542,8 +538,7 @@ class Resources:
                     new.setdefault("status", {})["phase"] = "Terminating"
                 if ctx.dry_run:
                     return new, False
-                stored = m.deep(new)
-                stored["metadata"].pop("resourceVersion", None)
+                stored = m.storable(new)
                 try:
                     rec2 = await self.store.update(key, stored, expected_revision=rec.revision)
                 except (RevisionMismatch, KeyNotFound):

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import asyncio.base_events
 import contextlib
 import logging
 import os
@@ -135,9 +133,9 @@ async def start_api_server(
         await store.close()
         raise ConfigurationError(f"cannot listen on {listen}: {e.strerror or e}") from e
     actual_port = port
-    server_obj = site._server
-    if isinstance(server_obj, asyncio.base_events.Server) and server_obj.sockets:
-        actual_port = server_obj.sockets[0].getsockname()[1]
+    sockets = getattr(site._server, "sockets", None) or []  # asyncio's or uvloop's Server
+    if sockets:
+        actual_port = int(sockets[0].getsockname()[1])
     url_host = f"[{host}]" if ":" in host else host
     if host in ("0.0.0.0", "::"):
         url_host = "127.0.0.1"

@@ -69,11 +69,7 @@ class WatchStream:
         return table
 
     def _api_object(self, value: dict[str, Any], revision: int) -> Obj:
-        obj = m.deep(value)
-        obj["apiVersion"] = self.kind.api_version
-        obj["kind"] = self.kind.kind
-        obj.setdefault("metadata", {})["resourceVersion"] = str(revision)
-        return obj
+        return m.api_object(self.kind, value, revision)
 
     def translate(self, ev: Event) -> tuple[str, Obj] | None:
         """A store event as the watch event this client sees, honouring selector transitions."""

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import sys
 from pathlib import Path
+
+import uvloop
 
 from virtshift import __version__
 from virtshift.client.kubeconfig import default_home
@@ -42,7 +43,7 @@ def run(argv: list[str] | None = None) -> None:
             )
             if args.nodes < 0:
                 raise VirtshiftError("--nodes must be 0 or more")
-            asyncio.run(up(args.data_dir or default_home(), args.listen, nodes=args.nodes,
+            uvloop.run(up(args.data_dir or default_home(), args.listen, nodes=args.nodes,
                            accel=args.accel or default_accel(), store_url=args.store))
     except VirtshiftError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -37,6 +37,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
+import orjson
+
 from virtshift.errors import Compacted, KeyExists, KeyNotFound, RevisionMismatch, StoreError
 from virtshift.store.base import Event, ListResult, Record, Value
 
@@ -105,8 +107,8 @@ def _check_utf8(text: str, what: str) -> None:
         raise ValueError(f"{what} is not valid UTF-8 text: {exc}") from None
 
 
-def _loads(text: str) -> Value:
-    value: Value = json.loads(text)
+def _loads(text: str | bytes) -> Value:
+    value: Value = orjson.loads(text)
     return value
 
 

@@ -11,12 +11,12 @@ change a VMI's spec and reserved labels.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
 
 from virtshift.api.admission import cdi, migration, vm, vmi, vmi_defaults, vmirs
 from virtshift.api.admission._util import Obj
 from virtshift.api.admission.config import DEFAULT_CONFIG, AdmissionConfig
+from virtshift.api.jsonvalue import clone
 from virtshift.api.kinds import KindInfo
 from virtshift.errors import FieldError
 
@@ -97,14 +97,16 @@ def default(
     old: Obj | None = None,
     config: AdmissionConfig = DEFAULT_CONFIG,
 ) -> Obj:
-    """A deep copy of ``obj`` with the mutating webhook's defaults applied.
+    """A deep copy of ``obj`` with the mutating webhook's defaults applied (``obj`` itself when
+    the kind has no defaults).
 
     Pass ``old`` on update: the VMI and migration mutators only act on create.
     """
-    out = copy.deepcopy(obj)
     defaulter = _DEFAULTERS.get((kind.group, kind.kind))
-    if defaulter is not None:
-        defaulter(out, old is not None, config)
+    if defaulter is None:
+        return obj  # nothing to default: no copy needed
+    out = clone(obj)
+    defaulter(out, old is not None, config)
     return out
 
 

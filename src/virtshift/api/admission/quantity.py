@@ -8,6 +8,7 @@ the Go type serialises (``2048Mi`` -> ``2Gi``, ``0.5`` -> ``500m``).
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from dataclasses import dataclass
@@ -61,7 +62,15 @@ def _round_up(x: Fraction) -> int:
 
 def parse(text: str) -> Quantity:
     """Parse ``text``; raise ``ValueError`` with :data:`FORMAT_ERROR` when it is malformed."""
-    m = _NUMBER.match(text.strip()) if isinstance(text, str) else None
+    if not isinstance(text, str):
+        raise ValueError(FORMAT_ERROR)
+    return _parse_text(text)
+
+
+@functools.lru_cache(maxsize=4096)
+def _parse_text(text: str) -> Quantity:
+    """:func:`parse` for strings, cached: the same few quantities recur in every object."""
+    m = _NUMBER.match(text.strip())
     if m is None or not text.strip():
         raise ValueError(FORMAT_ERROR)
     sign, number, suffix = m.groups()

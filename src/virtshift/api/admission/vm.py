@@ -12,8 +12,6 @@ authorization of DataVolume templates and the volume-request (hotplug) status ch
 
 from __future__ import annotations
 
-import copy
-
 from virtshift.api.admission import network, vmi, vmi_defaults
 from virtshift.api.admission._util import (
     INVALID,
@@ -33,6 +31,7 @@ from virtshift.api.admission._util import (
 from virtshift.api.admission.cdi import SOURCES as DV_SOURCES
 from virtshift.api.admission.cdi import present
 from virtshift.api.admission.config import AdmissionConfig
+from virtshift.api.jsonvalue import clone
 from virtshift.errors import FieldError
 
 RUN_STRATEGIES = ("Halted", "Manual", "Always", "RerunOnFailure", "Once")
@@ -122,7 +121,7 @@ def validate(
     template = spec.get("template")
     if not isinstance(template, dict):
         return [cause(REQUIRED, Path("spec", "template"), "missing virtual machine template.")]
-    checked = copy.deepcopy(spec)
+    checked = clone(spec)
     tspec = ensure_dict(ensure_dict(checked, "template"), "spec")
     vmi_defaults.default_spec(tspec, cfg)
     if old is None:
