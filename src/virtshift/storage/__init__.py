@@ -1,0 +1,1 @@
+"""Storage: images (qemu-img), the cluster image store, cloud-init ISOs, volumes."""
