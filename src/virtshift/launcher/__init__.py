@@ -1,1 +1,1 @@
-"""The launcher (virt-launcher and libvirtd's role): VMI spec -> QEMU command line, QMP, supervision."""
+"""The launcher (virt-launcher and libvirtd's role): VMI spec to QEMU argv, QMP, supervision."""
