@@ -1,7 +1,17 @@
 #!/usr/bin/env bash
 # Installs the system packages virtshift needs (Debian). Idempotent: does nothing when all are present.
 set -euo pipefail
-packages=(sqlite3 iproute2 procps)
+packages=(
+  sqlite3 iproute2 procps
+  # QEMU and firmware (UEFI: ovmf)
+  qemu-system-x86 qemu-utils ovmf
+  # test guest builder (scripts/build-guest.sh): busybox initramfs + SYSLINUX bootable disk
+  busybox-static kmod cpio xz-utils gzip syslinux syslinux-common extlinux mtools dosfstools fdisk
+  # cloud-init NoCloud / ConfigDrive ISOs
+  genisoimage
+  # guest agent binary copied into the test guest's initramfs
+  qemu-guest-agent
+)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
