@@ -9,8 +9,6 @@ packages=(
   busybox-static kmod cpio xz-utils gzip syslinux syslinux-common extlinux mtools dosfstools fdisk
   # cloud-init NoCloud / ConfigDrive ISOs
   genisoimage
-  # guest agent binary copied into the test guest's initramfs
-  qemu-guest-agent
 )
 missing=()
 for p in "${packages[@]}"; do

@@ -336,6 +336,19 @@ KINDS: tuple[KindInfo, ...] = (
         "uploadtokenrequest", True, ("utr", "utrs"),
         schema=(CDI_SCHEMA_SOURCE, "v1beta1.UploadTokenRequest"),
     ),
+    # ---- virtshift.io/v1alpha1: the cluster image store ---------------------------------
+    KindInfo(
+        "virtshift.io", "v1alpha1", "Image", "images", "image", False, ("img",),
+        columns=(
+            PrinterColumn("Reference", "string", ".spec.reference",
+                          description="The image reference a containerDisk names"),
+            PrinterColumn("Type", "string", ".status.type"),
+            PrinterColumn("Size", "integer", ".status.size"),
+            PrinterColumn("Phase", "string", ".status.phase"),
+            AGE,
+        ),
+        selectable_fields=("spec.reference",),
+    ),
     # ---- operators' configuration kinds (accepted and stored; no schema is published) ----
     KindInfo(
         "hco.kubevirt.io", "v1beta1", "HyperConverged", "hyperconvergeds", "hyperconverged",

@@ -63,6 +63,12 @@ PROTOBUF_V2 = (
 USER_KEY = web.RequestKey("virtshift_user", UserInfo)
 
 
+# A handler for a subresource outside the generic verbs (blob upload/download, streams):
+# (request, user, kind, namespace, name, subresource) -> response.
+ExtraHandler = Callable[
+    [web.Request, UserInfo, KindInfo, "str | None", str, str], Awaitable[web.StreamResponse]]
+
+
 @dataclass(frozen=True)
 class Target:
     """A parsed resource URL."""
@@ -87,6 +93,8 @@ class ApiServer:
         self._openapi_v2_pb: bytes | None = None
         self._openapi_v3_index: Obj | None = None
         self._openapi_v3_docs: dict[tuple[str, str], Obj | None] = {}
+        # (group, plural, subresource) -> handler; see ExtraHandler.
+        self.extra_subresources: dict[tuple[str, str, str], ExtraHandler] = {}
 
     # ---- application ---------------------------------------------------------------------------
 
@@ -250,6 +258,7 @@ class ApiServer:
         if sub and not (
             (sub == "status" and kind.has_status)
             or (sub == "finalize" and kind.group == "" and kind.kind == "Namespace")
+            or (kind.group, kind.plural, sub) in self.extra_subresources
         ):
             raise unknown
         return Target(kind, ns, name, sub)
@@ -333,6 +342,9 @@ class ApiServer:
                                       "metadata": {}, "items": items})
             raise MethodNotAllowed("the server does not allow this method on the requested "
                                    "resource")
+        extra = self.extra_subresources.get((kind.group, kind.plural, sub)) if sub else None
+        if extra is not None:
+            return await extra(request, self.user(request), kind, ns, name, sub)
         if watching:
             raise MethodNotAllowed("watch of a single object: use fieldSelector=metadata.name")
         if method == "GET":

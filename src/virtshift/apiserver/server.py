@@ -19,6 +19,7 @@ from virtshift.apiserver.pki import Pki, ensure_pki
 from virtshift.apiserver.resources import WriteContext
 from virtshift.client import kubeconfig
 from virtshift.errors import AlreadyExists, VirtshiftError
+from virtshift.storage.imagestore import register_image_store
 from virtshift.store.base import Store
 from virtshift.store.sqlite import SqliteStore
 
@@ -119,6 +120,7 @@ async def start_api_server(
     store = open_store(store_url, data_dir)
     await store.start()
     server = ApiServer(store, registry, schemas or default_schemas(), auth)
+    register_image_store(server, data_dir)
     await bootstrap(server)
     ssl_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ssl_ctx.load_cert_chain(pki.serving_cert, pki.serving_key)

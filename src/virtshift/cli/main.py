@@ -1,10 +1,18 @@
-"""``virtshift``: run the platform and act on it (virtctl's verbs)."""
+"""``virtshift``: run the platform and act on it (virtctl's verbs).
+
+Each command family lives in its own module under ``virtshift.cli`` exposing
+``register(subparsers)``; the module adds its subcommands with ``set_defaults(func=...)``,
+where ``func(args) -> int`` is the exit code. Errors are :class:`VirtshiftError`: one line on
+stderr, exit 1.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import uvloop
@@ -13,11 +21,31 @@ from virtshift import __version__
 from virtshift.client.kubeconfig import default_home
 from virtshift.errors import VirtshiftError
 
+# Command families, each a module with register(subparsers).
+COMMAND_MODULES = ("virtshift.cli.images",)
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="virtshift", description=__doc__)
+
+def _up(args: argparse.Namespace) -> int:
+    from virtshift.platform import default_accel, up
+
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    if args.nodes < 0:
+        raise VirtshiftError("--nodes must be 0 or more")
+    uvloop.run(up(args.data_dir or default_home(), args.listen, nodes=args.nodes,
+                  accel=args.accel or default_accel(), store_url=args.store))
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="virtshift", description="virtshift: KubeVirt's API and "
+                                "real QEMU virtual machines, without a Kubernetes cluster")
     p.add_argument("--version", action="version", version=f"virtshift {__version__}")
-    sub = p.add_subparsers(dest="command", required=True)
+    p.add_argument("--kubeconfig", default=None,
+                   help="kubeconfig to use (default $KUBECONFIG, else the data dir's)")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     up = sub.add_parser("up", help="run the platform in the foreground")
     up.add_argument("--data-dir", type=Path, default=None,
                     help="state directory (default $VIRTSHIFT_HOME or ~/.virtshift)")
@@ -28,28 +56,24 @@ def _parser() -> argparse.ArgumentParser:
                     help="accelerator for VMs (default $VIRTSHIFT_ACCEL or auto)")
     up.add_argument("--store", default=None, help="store URL (default sqlite in the data dir)")
     up.add_argument("-v", "--verbose", action="store_true")
+    up.set_defaults(func=_up)
+    for name in COMMAND_MODULES:
+        module = importlib.import_module(name)
+        module.register(sub)
     return p
 
 
 def run(argv: list[str] | None = None) -> None:
-    args = _parser().parse_args(argv)
+    args = parser().parse_args(argv)
+    func: Callable[[argparse.Namespace], int] = args.func
     try:
-        if args.command == "up":
-            from virtshift.platform import default_accel, up
-
-            logging.basicConfig(
-                level=logging.DEBUG if args.verbose else logging.INFO,
-                format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-            )
-            if args.nodes < 0:
-                raise VirtshiftError("--nodes must be 0 or more")
-            uvloop.run(up(args.data_dir or default_home(), args.listen, nodes=args.nodes,
-                           accel=args.accel or default_accel(), store_url=args.store))
+        code = func(args)
     except VirtshiftError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
         sys.exit(130)
+    sys.exit(code)
 
 
 if __name__ == "__main__":
