@@ -295,6 +295,11 @@ load_modules() {  # load_modules GROUP: /etc/testguest/modules.GROUP, in depende
   done < "/etc/testguest/modules.$1"
 }
 kver=$(uname -r)
+# busybox poweroff/reboot/halt signal init (USR2/TERM/USR1) instead of acting themselves; trap
+# them from the start, so a user-data `poweroff` works too (it runs once user-data returns).
+trap 'sync; exec /bin/busybox poweroff -f' USR2
+trap 'sync; exec /bin/busybox reboot -f' TERM
+trap 'sync; exec /bin/busybox halt -f' USR1
 
 # 1. drivers: virtio, NICs, ACPI button, filesystems; storage controllers in the background
 load_modules core
@@ -410,11 +415,7 @@ say "up: hostname=$(hostname) uptime=$(cut -d' ' -f1 /proc/uptime)s"
 echo TESTGUEST-READY
 load_modules late &
 
-# 6. a root shell on the console, forever. PID 1 only waits, so that it runs its traps at once:
-#    busybox poweroff/reboot/halt signal init (USR2/TERM/USR1) instead of acting themselves.
-trap 'sync; exec /bin/busybox poweroff -f' USR2
-trap 'sync; exec /bin/busybox reboot -f' TERM
-trap 'sync; exec /bin/busybox halt -f' USR1
+# 6. a root shell on the console, forever. PID 1 only waits, so that it runs its traps at once.
 (
   while :; do
     setsid cttyhack sh -l </dev/console >/dev/console 2>&1

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -54,6 +55,7 @@ def kubectl(platform: PlatformProcess, tmp_path_factory: pytest.TempPathFactory)
 def namespace(kubectl: Kubectl, request: pytest.FixtureRequest) -> Iterator[str]:
     name = "t-" + request.node.name.lower().replace("_", "-")[:40].strip("-")
     name = "".join(c for c in name if c.isalnum() or c == "-").strip("-")
+    name += "-" + hashlib.sha256(request.node.nodeid.encode()).hexdigest()[:6]
     kubectl.run("create", "namespace", name)
     yield name
     kubectl.run("delete", "namespace", name, "--wait=false", check=False)

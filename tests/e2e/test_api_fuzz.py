@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -115,13 +116,27 @@ def test_random_patches(api: Api, patch: Any, ptype: str) -> None:
           "spec": {"runStrategy": "Halted", "template": {"spec": {"domain": {"devices": {}}}}}}
     resp = api.call("POST", VM_URL, json.dumps(vm).encode())
     assert resp.status_code in (201, 409)
-    before = api.call("GET", f"{VM_URL}/fuzz-target").json()
+    before = settled(api, f"{VM_URL}/fuzz-target")
     path = f"{VM_URL}/fuzz-target?fieldManager=fuzz"
     resp = api.call("PATCH", path, json.dumps(patch).encode(), content_type=ptype)
     if resp.status_code >= 300:
         _check_status(resp)
         after = api.call("GET", f"{VM_URL}/fuzz-target").json()
         assert after["metadata"]["resourceVersion"] == before["metadata"]["resourceVersion"]
+
+
+def settled(api: Api, url: str, timeout: float = 30.0) -> Any:
+    """The object once the VM controller has written its status (and stopped writing)."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        obj = api.call("GET", url).json()
+        if (obj.get("status") or {}).get("printableStatus") == "Stopped" and last is not None \
+                and last["metadata"]["resourceVersion"] == obj["metadata"]["resourceVersion"]:
+            return obj
+        last = obj
+        time.sleep(0.05)
+    raise AssertionError(f"{url} did not settle: {last}")
 
 
 def test_specific_bad_requests(api: Api) -> None:

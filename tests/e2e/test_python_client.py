@@ -41,12 +41,29 @@ def _vm(name: str) -> dict:  # type: ignore[type-arg]
     return vm
 
 
+def _settled(co: client.CustomObjectsApi, namespace: str, name: str,
+             timeout: float = 30.0) -> dict:  # type: ignore[type-arg]
+    deadline = time.monotonic() + timeout
+    last: dict | None = None  # type: ignore[type-arg]
+    while time.monotonic() < deadline:
+        obj = co.get_namespaced_custom_object(G, V, namespace, "virtualmachines", name)
+        if (obj.get("status") or {}).get("printableStatus") and last is not None and \
+                last["metadata"]["resourceVersion"] == obj["metadata"]["resourceVersion"]:
+            return obj  # type: ignore[no-any-return]
+        last = obj
+        time.sleep(0.05)
+    raise AssertionError(f"VM {name} did not settle: {last}")
+
+
 def test_custom_objects_crud(api: client.ApiClient, namespace: str) -> None:
     co = client.CustomObjectsApi(api)
     created = co.create_namespaced_custom_object(G, V, namespace, "virtualmachines", _vm("a"))
     assert created["metadata"]["uid"] and created["metadata"]["generation"] == 1
-    got = co.get_namespaced_custom_object(G, V, namespace, "virtualmachines", "a")
-    assert got["metadata"]["resourceVersion"] == created["metadata"]["resourceVersion"]
+    # The VM controller then adds its finalizer and status; once it is done, reads are stable.
+    got = _settled(co, namespace, "a")
+    assert got["metadata"]["uid"] == created["metadata"]["uid"]
+    again = co.get_namespaced_custom_object(G, V, namespace, "virtualmachines", "a")
+    assert again["metadata"]["resourceVersion"] == got["metadata"]["resourceVersion"]
     listed = co.list_namespaced_custom_object(G, V, namespace, "virtualmachines",
                                               label_selector="app=a")
     assert [i["metadata"]["name"] for i in listed["items"]] == ["a"]
@@ -65,9 +82,16 @@ def test_custom_objects_crud(api: client.ApiClient, namespace: str) -> None:
                                                 {"status": {"printableStatus": "Running"}})
     assert ignored["status"]["printableStatus"] == "Stopped"
     co.delete_namespaced_custom_object(G, V, namespace, "virtualmachines", "a")
-    with pytest.raises(ApiException) as e:
-        co.get_namespaced_custom_object(G, V, namespace, "virtualmachines", "a")
-    assert e.value.status == 404
+    # the VM controller's finalizer is removed promptly; then the VM is gone
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            co.get_namespaced_custom_object(G, V, namespace, "virtualmachines", "a")
+        except ApiException as e:
+            assert e.status == 404
+            break
+        assert time.monotonic() < deadline, "VM a was not deleted"
+        time.sleep(0.05)
 
 
 def test_core_v1_crud(api: client.ApiClient, namespace: str) -> None:
@@ -120,12 +144,15 @@ def test_watch_stream(api: client.ApiClient, namespace: str) -> None:
     co.delete_namespaced_custom_object(G, V, namespace, "virtualmachines", "w1")
     t.join(30)
     assert not t.is_alive()
-    assert seen == [("ADDED", "w1"), ("MODIFIED", "w1"), ("DELETED", "w1")]
+    # The VM controller's own writes (finalizer, status) arrive as further MODIFIED events.
+    collapsed = [e for i, e in enumerate(seen) if i == 0 or seen[i - 1] != e]
+    assert collapsed == [("ADDED", "w1"), ("MODIFIED", "w1"), ("DELETED", "w1")], seen
 
 
 def test_stale_update_is_409(api: client.ApiClient, namespace: str) -> None:
     co = client.CustomObjectsApi(api)
-    vm = co.create_namespaced_custom_object(G, V, namespace, "virtualmachines", _vm("c"))
+    co.create_namespaced_custom_object(G, V, namespace, "virtualmachines", _vm("c"))
+    vm = _settled(co, namespace, "c")
     first = copy.deepcopy(vm)
     vm["spec"]["runStrategy"] = "Manual"
     co.replace_namespaced_custom_object(G, V, namespace, "virtualmachines", "c", vm)

@@ -19,7 +19,7 @@ from virtshift.api.selectors import (
     parse_label_selector,
 )
 from virtshift.api.tables import build_table
-from virtshift.apiserver import openapi
+from virtshift.apiserver import openapi, subresources
 from virtshift.apiserver.auth import TokenAuthenticator, UserInfo
 from virtshift.apiserver.discovery import AGGREGATED_V2, Discovery, version_info
 from virtshift.apiserver.http import (
@@ -40,6 +40,7 @@ from virtshift.apiserver.resources import (
     WriteContext,
 )
 from virtshift.apiserver.reviews import handle_review
+from virtshift.apiserver.vmiproxy import VMIProxy, is_vmi_subresource
 from virtshift.apiserver.watch import WatchStream
 from virtshift.errors import (
     ApiError,
@@ -95,6 +96,7 @@ class ApiServer:
         self._openapi_v3_docs: dict[tuple[str, str], Obj | None] = {}
         # (group, plural, subresource) -> handler; see ExtraHandler.
         self.extra_subresources: dict[tuple[str, str, str], ExtraHandler] = {}
+        self.vmi_proxy: VMIProxy | None = None
 
     # ---- application ---------------------------------------------------------------------------
 
@@ -176,6 +178,8 @@ class ApiServer:
         if segs[0] == "apis":
             if len(segs) == 1:
                 return self.serve_discovery(request, core=False)
+            if segs[1] == subresources.GROUP:
+                return await self.serve_kubevirt_subresource(request, segs[2:])
             if len(segs) == 2:
                 group_doc = self.discovery.api_group(segs[1])
                 if group_doc is None:
@@ -188,6 +192,37 @@ class ApiServer:
                 return await review(self.user(request), self.resources)
             return await self.serve_resource(request, segs[1], segs[2], segs[3:])
         raise NotFound("the server could not find the requested resource")
+
+    async def serve_kubevirt_subresource(self, request: web.Request,
+                                         segs: list[str]) -> web.StreamResponse:
+        """``/apis/subresources.kubevirt.io/...``: VM lifecycle (start, stop, restart) and the
+        VMI subresources that the node agent serves (console, vnc, portforward, pause...)."""
+        if not segs:
+            return json_response(subresources.api_group())
+        version = segs[0]
+        if len(segs) == 1:
+            doc = subresources.resource_list(version)
+            if doc is None:
+                raise NotFound("the server could not find the requested resource")
+            return json_response(doc)
+        rest = segs[1:]
+        if (version not in subresources.VERSIONS or len(rest) < 5 or rest[0] != "namespaces"
+                or rest[2] not in ("virtualmachines", "virtualmachineinstances")):
+            raise NotFound("the server could not find the requested resource")
+        ns, resource, name, sub = rest[1], rest[2], rest[3], rest[4]
+        user = self.user(request)
+        if resource == "virtualmachineinstances" and is_vmi_subresource(sub):
+            if self.vmi_proxy is None:
+                raise NotFound("the server could not find the requested resource")
+            return await self.vmi_proxy.handle(request, user, ns, name, sub, rest[5:])
+        if len(rest) != 5:
+            raise NotFound("the server could not find the requested resource")
+        code, body = await subresources.handle_subresource(
+            self.resources, self.registry, request.method, ns, resource, name, sub,
+            await request.read(), user)
+        if body is None:
+            return web.Response(status=code)
+        return json_response(body, status=code)
 
     def serve_discovery(self, request: web.Request, *, core: bool) -> web.Response:
         for mt in parse_accept(request.headers.get("Accept", "")):

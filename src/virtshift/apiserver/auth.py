@@ -12,6 +12,8 @@ from virtshift.apiserver.pki import new_token
 
 ADMIN_USER = "virtshift-admin"
 ADMIN_GROUPS = ("system:masters", "system:authenticated")
+COMPONENTS_GROUP = "system:serviceaccounts:kubevirt"
+"""The group of virtshift's controllers and node agents (KubeVirt's service accounts)."""
 
 
 @dataclass(frozen=True)
@@ -20,6 +22,15 @@ class UserInfo:
     uid: str = ""
     groups: tuple[str, ...] = ()
     extra: dict[str, list[str]] = field(default_factory=dict, compare=False, hash=False)
+
+
+COMPONENT_USER = UserInfo("system:serviceaccount:kubevirt:kubevirt-controller", "",
+                          ("system:masters", "system:serviceaccounts", COMPONENTS_GROUP,
+                           "system:authenticated"))
+
+
+def is_component(user: UserInfo) -> bool:
+    return COMPONENTS_GROUP in user.groups
 
 
 def _digest(token: str) -> str:

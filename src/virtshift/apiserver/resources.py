@@ -21,7 +21,7 @@ from virtshift.api.schema import SchemaSet
 from virtshift.api.selectors import FieldSelector, LabelSelector
 from virtshift.api.ssa import server_side_apply, update_managed_fields
 from virtshift.apiserver import meta as m
-from virtshift.apiserver.auth import UserInfo
+from virtshift.apiserver.auth import UserInfo, is_component
 from virtshift.errors import (
     AlreadyExists,
     BadRequest,
@@ -195,7 +195,7 @@ class Resources:
         ctx.warnings.extend(warnings)
         errs = m.validate_metadata(kind, obj.get("metadata") or {})
         # KubeVirt's and CDI's admission reads the object as sent (an explicit null counts).
-        errs += admission.validate(kind, unpruned, old)
+        errs += admission.validate(kind, unpruned, old, internal=is_component(ctx.user))
         if errs:
             raise Invalid.for_object(kind.kind, kind.group, name, errs)
         return obj

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import secrets
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,9 +15,16 @@ from aiohttp import web
 from virtshift.api.kinds import REGISTRY, Registry
 from virtshift.api.schema import SchemaSet, default_schemas
 from virtshift.apiserver.app import ApiServer
-from virtshift.apiserver.auth import ADMIN_GROUPS, ADMIN_USER, TokenAuthenticator, UserInfo
+from virtshift.apiserver.auth import (
+    ADMIN_GROUPS,
+    ADMIN_USER,
+    COMPONENT_USER,
+    TokenAuthenticator,
+    UserInfo,
+)
 from virtshift.apiserver.pki import Pki, ensure_pki
 from virtshift.apiserver.resources import WriteContext
+from virtshift.apiserver.vmiproxy import VMIProxy
 from virtshift.client import kubeconfig
 from virtshift.errors import AlreadyExists, VirtshiftError
 from virtshift.storage.imagestore import register_image_store
@@ -70,14 +78,46 @@ class RunningApiServer:
     url: str
     kubeconfig: Path
 
+    @property
+    def components_kubeconfig(self) -> Path:
+        """Credentials of virtshift's own controllers and node agents (KubeVirt's service
+        accounts: admission lets them manage VMIs' specs and reserved labels)."""
+        return self.kubeconfig.parent / COMPONENTS_KUBECONFIG
+
+    @property
+    def agent_token_file(self) -> Path:
+        return self.kubeconfig.parent / AGENT_TOKEN_FILE
+
     async def stop(self) -> None:
         await self.runner.cleanup()
+        if self.server.vmi_proxy is not None:
+            await self.server.vmi_proxy.close()
         await self.store.close()
 
 
-def _admin_token(data_dir: Path, auth: TokenAuthenticator) -> str:
-    """Reuse the admin token of an existing kubeconfig; issue one on first start."""
-    path = data_dir / "kubeconfig"
+AGENT_TOKEN_FILE = "agent-proxy-token"
+
+
+def agent_proxy_token(data_dir: Path) -> str:
+    """The secret the API server presents to node agents (created on first start, 0600)."""
+    path = data_dir / AGENT_TOKEN_FILE
+    if path.exists():
+        return path.read_text().strip()
+    token = secrets.token_urlsafe(32)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(token + "\n")
+    return token
+
+
+COMPONENTS_KUBECONFIG = "components.kubeconfig"
+ADMIN = UserInfo(ADMIN_USER, "", ADMIN_GROUPS)
+
+
+def _admin_token(data_dir: Path, auth: TokenAuthenticator, *, file: str = "kubeconfig",
+                 user: UserInfo = ADMIN) -> str:
+    """Reuse the token of an existing kubeconfig; issue one on first start."""
+    path = data_dir / file
     if path.exists():
         try:
             cfg = kubeconfig.load(path)
@@ -85,15 +125,17 @@ def _admin_token(data_dir: Path, auth: TokenAuthenticator) -> str:
                 return cfg.token
         except kubeconfig.ConfigError as e:
             log.warning("ignoring unreadable kubeconfig: %s", e)
-    return auth.issue(UserInfo(ADMIN_USER, "", ADMIN_GROUPS))
+    return auth.issue(user)
 
 
-def _prepare(data_dir: Path, host: str) -> tuple[Pki, TokenAuthenticator, str]:
-    """The data directory, certificates and the admin credential (blocking file work)."""
+def _prepare(data_dir: Path, host: str) -> tuple[Pki, TokenAuthenticator, str, str]:
+    """The data directory, certificates, the admin credential and the components' credential
+    (blocking file work)."""
     data_dir.mkdir(parents=True, exist_ok=True)
     pki = ensure_pki(data_dir / "pki", [host])
     auth = TokenAuthenticator(data_dir / "tokens.json")
-    return pki, auth, _admin_token(data_dir, auth)
+    return (pki, auth, _admin_token(data_dir, auth),
+            _admin_token(data_dir, auth, file=COMPONENTS_KUBECONFIG, user=COMPONENT_USER))
 
 
 async def bootstrap(server: ApiServer) -> None:
@@ -116,11 +158,12 @@ async def start_api_server(
     schemas: SchemaSet | None = None,
 ) -> RunningApiServer:
     host, port = parse_listen(listen)
-    pki, auth, token = _prepare(data_dir, host)
+    pki, auth, token, component_token = _prepare(data_dir, host)
     store = open_store(store_url, data_dir)
     await store.start()
     server = ApiServer(store, registry, schemas or default_schemas(), auth)
     register_image_store(server, data_dir)
+    server.vmi_proxy = VMIProxy(server.resources, registry, agent_proxy_token(data_dir))
     await bootstrap(server)
     ssl_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ssl_ctx.load_cert_chain(pki.serving_cert, pki.serving_key)
@@ -144,6 +187,8 @@ async def start_api_server(
     url = f"https://{url_host}:{actual_port}"
     server.server_address = f"{url_host}:{actual_port}"
     cfg_path = data_dir / "kubeconfig"
+    kubeconfig.write(data_dir / COMPONENTS_KUBECONFIG,
+                     kubeconfig.render(url, pki.ca_pem(), component_token))
     kubeconfig.write(cfg_path, kubeconfig.render(url, pki.ca_pem(), token))
     log.info("API server listening on %s; kubeconfig at %s", url, cfg_path)
     return RunningApiServer(runner, store, server, url, cfg_path)

@@ -22,7 +22,7 @@ from virtshift.client.kubeconfig import default_home
 from virtshift.errors import VirtshiftError
 
 # Command families, each a module with register(subparsers).
-COMMAND_MODULES = ("virtshift.cli.images",)
+COMMAND_MODULES = ("virtshift.cli.images", "virtshift.cli.vm")
 
 
 def _up(args: argparse.Namespace) -> int:
@@ -36,6 +36,24 @@ def _up(args: argparse.Namespace) -> int:
         raise VirtshiftError("--nodes must be 0 or more")
     uvloop.run(up(args.data_dir or default_home(), args.listen, nodes=args.nodes,
                   accel=args.accel or default_accel(), store_url=args.store))
+    return 0
+
+
+def _agent(args: argparse.Namespace) -> int:
+    from virtshift.agent.main import AgentConfig, NodeAgent
+    from virtshift.client import kubeconfig
+    from virtshift.platform import default_accel
+
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format=f"%(asctime)s %(levelname)s agent[{args.node_name}] %(name)s: %(message)s",
+    )
+    config = AgentConfig(node_name=args.node_name, kubeconfig=kubeconfig.locate(args.kubeconfig),
+                         data_dir=args.data_dir, address=args.address,
+                         accel=args.accel or default_accel(),
+                         proxy_token_file=args.proxy_token_file,
+                         hostdisk_dirs=tuple(args.hostdisk_dir))
+    uvloop.run(NodeAgent(config).run())
     return 0
 
 
@@ -57,6 +75,18 @@ def parser() -> argparse.ArgumentParser:
     up.add_argument("--store", default=None, help="store URL (default sqlite in the data dir)")
     up.add_argument("-v", "--verbose", action="store_true")
     up.set_defaults(func=_up)
+    agent = sub.add_parser("agent", help="run one node agent (virtshift up starts them)")
+    agent.add_argument("--node-name", required=True)
+    agent.add_argument("--data-dir", type=Path, required=True, help="the node's state directory")
+    agent.add_argument("--address", default="127.0.0.1",
+                       help="the node's address (agent endpoint, forwarded ports)")
+    agent.add_argument("--accel", choices=("auto", "kvm", "tcg"), default=None)
+    agent.add_argument("--proxy-token-file", type=Path, default=None,
+                       help="the API server's proxy token (authenticates console/vnc calls)")
+    agent.add_argument("--hostdisk-dir", type=Path, action="append", default=[],
+                       help="a directory hostDisk volumes may use (repeatable)")
+    agent.add_argument("-v", "--verbose", action="store_true")
+    agent.set_defaults(func=_agent)
     for name in COMMAND_MODULES:
         module = importlib.import_module(name)
         module.register(sub)

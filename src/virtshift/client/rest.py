@@ -158,7 +158,8 @@ class Client:
 
     async def watch(self, kind: KindInfo, namespace: str | None = None, *,
                     resource_version: str = "", timeout_seconds: int = 300,
-                    field_selector: str = "") -> AsyncIterator[WatchEvent]:
+                    field_selector: str = "", label_selector: str = ""
+                    ) -> AsyncIterator[WatchEvent]:
         """Events until the server ends the stream. An ERROR event raises its ApiError."""
         params = {"watch": "true", "allowWatchBookmarks": "true",
                   "timeoutSeconds": str(timeout_seconds)}
@@ -166,6 +167,8 @@ class Client:
             params["resourceVersion"] = resource_version
         if field_selector:
             params["fieldSelector"] = field_selector
+        if label_selector:
+            params["labelSelector"] = label_selector
         tmo = aiohttp.ClientTimeout(total=None, sock_read=timeout_seconds + 30)
         async with self.session.get(resource_path(kind, namespace), params=params,
                                     timeout=tmo) as resp:

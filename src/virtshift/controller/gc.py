@@ -17,8 +17,8 @@ import logging
 from dataclasses import dataclass
 
 from virtshift.api.kinds import KindInfo, Obj, Registry
+from virtshift.client.informer import Reflector
 from virtshift.client.rest import Client
-from virtshift.controller.informer import Reflector
 from virtshift.errors import ApiError, Conflict, NotFound
 
 log = logging.getLogger(__name__)

@@ -23,8 +23,9 @@ class Reflector:
     after the first full list."""
 
     def __init__(self, client: Client, kind: KindInfo, handler: Handler,
-                 on_synced: Callable[[KindInfo], None]) -> None:
+                 on_synced: Callable[[KindInfo], None], *, label_selector: str = "") -> None:
         self.client = client
+        self.label_selector = label_selector
         self.kind = kind
         self.handler = handler
         self.on_synced = on_synced
@@ -37,7 +38,7 @@ class Reflector:
         return meta.get("namespace", ""), meta.get("name", "")
 
     async def _relist(self) -> str:
-        listing = await self.client.list(self.kind)
+        listing = await self.client.list(self.kind, label_selector=self.label_selector)
         fresh = {self._key(o): o for o in listing.get("items", [])}
         for key, old in list(self.known.items()):
             if key not in fresh:
@@ -59,7 +60,8 @@ class Reflector:
             try:
                 if not rv:
                     rv = await self._relist()
-                async for ev in self.client.watch(self.kind, resource_version=rv):
+                async for ev in self.client.watch(self.kind, resource_version=rv,
+                                                  label_selector=self.label_selector):
                     if ev.type == "BOOKMARK":
                         rv = ev.object.get("metadata", {}).get("resourceVersion", rv)
                         continue

@@ -1,0 +1,204 @@
+"""Disk preparation for one VMI on its node: the files behind its volumes.
+
+- ``containerDisk``: the image is resolved in the cluster image store, fetched into the node's
+  cache, and the VM boots from a qcow2 overlay in its run directory (the cached base never
+  changes). A kernel image named by ``firmware.kernelBoot.container.image`` gives the kernel
+  (``kernelPath``) and the initrd (``initrdPath``): the store keeps them as the image's parts, so
+  the paths only say which parts to use.
+- ``cloudInitNoCloud`` / ``cloudInitConfigDrive``: an ISO (labels ``cidata`` / ``config-2``),
+  with ``secretRef`` data read from the VMI's namespace.
+- ``emptyDisk``: a sparse qcow2 of ``capacity``, discarded with the VMI.
+- ``hostDisk``: ``Disk`` (must exist) or ``DiskOrCreate`` (a sparse raw file of ``capacity``),
+  confined to the node's allowed directories.
+Volume kinds that need storage not built yet (PVCs, DataVolumes) raise a clear error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from virtshift.api.admission import quantity
+from virtshift.api.kinds import REGISTRY, Obj
+from virtshift.client.rest import Client
+from virtshift.errors import NotFound, VirtshiftError
+from virtshift.launcher.context import DiskFile, KernelBoot
+from virtshift.storage.cloudinit import build_seed, configdrive_files, nocloud_files
+from virtshift.storage.imagecache import ImageCache, ImageError, create_overlay
+
+
+class DiskError(VirtshiftError):
+    """A volume could not be prepared; ``reason`` is the VMI condition reason."""
+
+    def __init__(self, message: str, *, reason: str = "FailedCreate") -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass
+class Prepared:
+    disks: dict[str, DiskFile] = field(default_factory=dict)
+    kernel_boot: KernelBoot | None = None
+
+
+def _dict(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def _bytes(value: Any, what: str) -> int:
+    try:
+        return quantity.parse_value(value).value()
+    except ValueError as e:
+        raise DiskError(f"{what}: invalid capacity {value!r}") from e
+
+
+async def _run(*argv: str) -> None:
+    proc = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.PIPE,
+                                                stderr=asyncio.subprocess.PIPE)
+    _, err = await proc.communicate()
+    if proc.returncode != 0:
+        raise DiskError(f"{argv[0]} failed: {' '.join(err.decode(errors='replace').split())}")
+
+
+def confined(path: str, allowed: Sequence[Path]) -> Path:
+    """``path`` resolved, if it lies inside one of the ``allowed`` directories."""
+    p = Path(os.path.realpath(path))
+    for root in allowed:
+        r = Path(os.path.realpath(root))
+        if p == r or r in p.parents:
+            return p
+    dirs = ", ".join(str(a) for a in allowed) or "none configured"
+    raise DiskError(f"hostDisk path {path} is outside the node's allowed directories ({dirs})")
+
+
+class DiskPreparer:
+    def __init__(self, client: Client, cache: ImageCache, hostdisk_dirs: Sequence[Path]) -> None:
+        self.client = client
+        self.cache = cache
+        self.hostdisk_dirs = tuple(hostdisk_dirs)
+
+    async def prepare(self, vmi: Mapping[str, Any], disk_dir: Path) -> Prepared:
+        meta = _dict(vmi.get("metadata"))
+        spec = _dict(vmi.get("spec"))
+        ns = str(meta.get("namespace") or "default")
+        name = str(meta.get("name"))
+        hostname = str(spec.get("hostname") or name)
+        await asyncio.to_thread(disk_dir.mkdir, parents=True, exist_ok=True)
+        out = Prepared()
+        for vol in spec.get("volumes") or []:
+            vol = _dict(vol)
+            vname = str(vol.get("name"))
+            if "containerDisk" in vol:
+                out.disks[vname] = await self._container_disk(
+                    _dict(vol["containerDisk"]), disk_dir / f"{vname}.qcow2")
+            elif "cloudInitNoCloud" in vol or "cloudInitConfigDrive" in vol:
+                nocloud = "cloudInitNoCloud" in vol
+                src = _dict(vol["cloudInitNoCloud" if nocloud else "cloudInitConfigDrive"])
+                secrets = await self._secrets(ns, src)
+                uid = str(meta.get("uid") or name)
+                if nocloud:
+                    files = nocloud_files(src, instance_id=f"{name}.{ns}", hostname=hostname,
+                                          secrets=secrets)
+                else:
+                    files = configdrive_files(src, instance_id=uid, hostname=hostname,
+                                              secrets=secrets)
+                iso = await build_seed(disk_dir / f"{vname}.iso",
+                                       "cidata" if nocloud else "config-2", files)
+                out.disks[vname] = DiskFile(str(iso), "raw", readonly=True, kind="cdrom")
+            elif "emptyDisk" in vol:
+                size = _bytes(_dict(vol["emptyDisk"]).get("capacity"),
+                              f"volume {vname}: emptyDisk")
+                path = disk_dir / f"{vname}.empty.qcow2"
+                if not path.exists():
+                    await _run("qemu-img", "create", "-q", "-f", "qcow2", str(path), str(size))
+                out.disks[vname] = DiskFile(str(path), "qcow2")
+            elif "hostDisk" in vol:
+                out.disks[vname] = await self._host_disk(vname, _dict(vol["hostDisk"]))
+            elif "persistentVolumeClaim" in vol or "dataVolume" in vol:
+                raise DiskError(f"volume {vname}: PVC and DataVolume volumes need the storage "
+                                "provisioner, which this node does not run yet")
+            else:
+                kinds = [k for k in vol if k != "name"]
+                raise DiskError(f"volume {vname}: {', '.join(kinds) or 'unknown'} volumes are "
+                                "not supported on this node")
+        kb = _dict(_dict(_dict(spec.get("domain")).get("firmware")).get("kernelBoot"))
+        container = _dict(kb.get("container"))
+        if container.get("image"):
+            image = await self._resolve(str(container["image"]))
+            if image.type != "kernel" or image.kernel is None:
+                raise DiskError(f'kernelBoot image "{container["image"]}" is a disk image, not '
+                                "a kernel", reason="ErrImagePull")
+            if not container.get("kernelPath"):
+                raise DiskError("kernelBoot.container without kernelPath: booting only an "
+                                "initrd is not supported")
+            if container.get("initrdPath") and image.initrd is None:
+                raise DiskError(f'kernelBoot image "{container["image"]}" has no initrd '
+                                f'(initrdPath {container["initrdPath"]})', reason="ErrImagePull")
+            args = kb.get("kernelArgs")
+            initrd = image.initrd if container.get("initrdPath") else None
+            out.kernel_boot = KernelBoot(str(image.kernel), str(initrd) if initrd else None,
+                                         cmdline=None if args else image.cmdline)
+        return out
+
+    async def _resolve(self, reference: str) -> Any:
+        try:
+            return await self.cache.resolve(reference)
+        except ImageError as e:
+            raise DiskError(str(e), reason="ErrImagePull") from e
+
+    async def _container_disk(self, src: Obj, overlay: Path) -> DiskFile:
+        reference = str(src.get("image") or "")
+        if not reference:
+            raise DiskError("containerDisk has no image")
+        image = await self._resolve(reference)
+        if image.type != "disk" or image.disk is None:
+            raise DiskError(f'containerDisk image "{reference}" is a kernel image, not a disk '
+                            "(use it in firmware.kernelBoot.container.image)",
+                            reason="ErrImagePull")
+        if not await asyncio.to_thread(overlay.exists):
+            await create_overlay(image.disk, image.format or "raw", overlay)
+        return DiskFile(str(overlay), "qcow2")
+
+    async def _host_disk(self, vname: str, src: Obj) -> DiskFile:
+        path = str(src.get("path") or "")
+        if not path:
+            raise DiskError(f"volume {vname}: hostDisk has no path")
+        target = confined(path, self.hostdisk_dirs)
+        kind = src.get("type") or "Disk"
+        if not target.exists():
+            if kind != "DiskOrCreate":
+                raise DiskError(f"volume {vname}: hostDisk {path} does not exist (type Disk)")
+            size = _bytes(src.get("capacity"), f"volume {vname}: hostDisk")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with target.open("wb") as f:
+                f.truncate(size)
+        elif target.is_dir():
+            target = target / "disk.img"
+            if not target.exists():
+                raise DiskError(f"volume {vname}: {target} does not exist")
+        return DiskFile(str(target), "raw", readonly=False)
+
+    async def _secrets(self, ns: str, src: Obj) -> dict[str, dict[str, bytes]]:
+        out: dict[str, dict[str, bytes]] = {}
+        secret_kind = REGISTRY.by_kind("", "v1", "Secret")
+        assert secret_kind is not None
+        for key in ("secretRef", "networkDataSecretRef"):
+            ref = _dict(src.get(key))
+            sname = ref.get("name")
+            if not sname or sname in out:
+                continue
+            try:
+                secret = await self.client.get(secret_kind, ns, str(sname))
+            except NotFound:
+                continue  # cloudinit reports the missing secret with its field
+            data = {str(k): base64.b64decode(str(v)) for k, v in
+                    _dict(secret.get("data")).items()}
+            data.update({str(k): str(v).encode() for k, v in
+                         _dict(secret.get("stringData")).items()})
+            out[str(sname)] = data
+        return out

@@ -1,0 +1,263 @@
+"""Real guests end to end (TCG): kubectl applies KubeVirt manifests, the controller makes VMIs,
+the node agent boots QEMU, the console answers, and runStrategy semantics hold."""
+
+from __future__ import annotations
+
+import copy
+import os
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.conftest import CORPUS, Kubectl
+from tests.e2e.vmtools import (
+    CIRROS_IMAGE,
+    KERNEL_IMAGE,
+    TESTGUEST_IMAGE,
+    Cluster,
+    wait_for,
+)
+from virtshift.testing.guest import GuestImages
+from virtshift.testing.platform import PlatformProcess
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    images = GuestImages.locate()
+    p = PlatformProcess(tmp_path_factory.mktemp("vms"), args=["--nodes", "1", "--accel", "tcg"])
+    p.start()
+    c = Cluster(p, Kubectl(p.kubeconfig, tmp_path_factory.mktemp("kubectl-cache")))
+    try:
+        wait_for(lambda: c.request("GET", "/api/v1/nodes/node01").ok, "node01 to register", 60)
+        c.cli("image", "import", CIRROS_IMAGE, str(images.disk))
+        c.cli("image", "import", TESTGUEST_IMAGE, str(images.disk))
+        c.cli("image", "import", KERNEL_IMAGE, "--kernel", str(images.vmlinuz), "--initrd",
+              str(images.initrd), "--cmdline", "console=ttyS0 quiet")
+        yield c
+    finally:
+        p.stop()
+        c.kill_leftover_qemus()
+
+
+@pytest.fixture
+def ns(cluster: Cluster, request: pytest.FixtureRequest) -> Iterator[str]:
+    name = "vm-" + request.node.name.lower().replace("_", "-")[5:40].strip("-")
+    name = "".join(ch for ch in name if ch.isalnum() or ch == "-").strip("-")
+    cluster.kubectl.run("create", "namespace", name)
+    yield name
+    cluster.kubectl.run("delete", "namespace", name, "--wait=false", check=False)
+
+
+def kernel_vm(name: str, strategy: str, *, user_data: str | None = None,
+              grace: int = 0) -> dict[str, Any]:
+    """A small VM booting the test guest by kernelBoot (the fastest boot under TCG)."""
+    volumes: list[dict[str, Any]] = []
+    disks: list[dict[str, Any]] = []
+    if user_data is not None:
+        volumes.append({"name": "cloudinit", "cloudInitNoCloud": {"userData": user_data}})
+        disks.append({"name": "cloudinit", "disk": {"bus": "virtio"}})
+    return {
+        "apiVersion": "kubevirt.io/v1", "kind": "VirtualMachine",
+        "metadata": {"name": name},
+        "spec": {
+            "runStrategy": strategy,
+            "template": {"spec": {
+                "terminationGracePeriodSeconds": grace,
+                "domain": {
+                    "firmware": {"kernelBoot": {"container": {
+                        "image": KERNEL_IMAGE, "kernelPath": "/boot/vmlinuz",
+                        "initrdPath": "/boot/initrd.img"}}},
+                    "devices": {"disks": disks},
+                    "memory": {"guest": "128Mi"},
+                },
+                "volumes": volumes,
+            }},
+        },
+    }
+
+
+def uid_of(obj: dict[str, Any]) -> str:
+    return str(obj["metadata"]["uid"])
+
+
+# ---- the acceptance path: vm-cirros.yaml unchanged ------------------------------------------
+
+def test_vm_cirros_boots_console_and_stops(cluster: Cluster, ns: str) -> None:
+    manifest = CORPUS / "vm-cirros.yaml"
+    cluster.kubectl.run("apply", "-n", ns, "-f", str(manifest))
+    cluster.wait_printable(ns, "vm-cirros", "Stopped")  # runStrategy Halted
+    assert cluster.vmi(ns, "vm-cirros") is None
+
+    started = cluster.cli("start", "vm-cirros", "-n", ns)
+    assert "vm-cirros" in started.stdout
+    vmi = cluster.wait_vmi_phase(ns, "vm-cirros", "Running")
+    console = cluster.console(ns, "vm-cirros")
+    try:
+        console.read_until("printed from cloud-init userdata", 90)
+        console.read_until("TESTGUEST-READY", 60)
+        console.send("\necho answer-$((6*7))\n")
+        console.read_until("answer-42", 30)
+    finally:
+        console.close()
+    assert vmi["status"]["nodeName"] == "node01"
+    vmi_table = cluster.kubectl.run("get", "vmi", "-n", ns, "vm-cirros").stdout
+    assert "Running" in vmi_table and "node01" in vmi_table
+    vm = cluster.wait_printable(ns, "vm-cirros", "Running")
+    assert vm["status"]["ready"] is True
+    # the guest agent reports in: AgentConnected, guestOSInfo, the interface's address
+    vmi = wait_for(lambda: (lambda v: v if any(
+        c["type"] == "AgentConnected" and c["status"] == "True"
+        for c in v["status"].get("conditions", [])) else None)(cluster.vmi(ns, "vm-cirros")),
+        "AgentConnected", 60)
+    assert vmi["status"]["guestOSInfo"]["id"] == "virtshift-testguest"
+    assert vmi["status"]["interfaces"][0]["ipAddress"] == "10.0.2.2"
+    qemu_pid = cluster.qemu_pid(uid_of(vmi))
+    assert Path(f"/proc/{qemu_pid}").exists()
+
+    cluster.cli("stop", "vm-cirros", "-n", ns)
+    cluster.wait_printable(ns, "vm-cirros", "Stopped")
+    cluster.wait_vmi_gone(ns, "vm-cirros")
+    wait_for(lambda: not Path(f"/proc/{qemu_pid}").exists(), "QEMU to exit", 30)
+    assert not cluster.run_dir(uid_of(vmi)).exists()
+
+
+# ---- runStrategy -------------------------------------------------------------------------------
+
+def test_always_restarts_after_guest_poweroff_halted_stays_down(cluster: Cluster,
+                                                                 ns: str) -> None:
+    cluster.create(ns, kernel_vm("always", "Always"))
+    cluster.create(ns, kernel_vm("halted", "Halted"))
+    first = cluster.wait_vmi_phase(ns, "always", "Running")
+    cluster.wait_printable(ns, "halted", "Stopped")
+    assert cluster.vmi(ns, "halted") is None
+    console = cluster.console(ns, "always")
+    try:
+        console.wait_prompt()
+        for attempt in range(3):  # a keystroke typed while the shell redraws can be lost
+            console.send("poweroff\n")
+            try:
+                console.read_until("Power down", 10, start=len(console.text))
+                break
+            except AssertionError:
+                if attempt == 2:
+                    raise
+    finally:
+        console.close()
+    # the guest's own shutdown ends the VMI Succeeded; Always starts a new one
+    second = cluster.wait_new_vmi(ns, "always", uid_of(first))
+    cluster.wait_vmi_phase(ns, "always", "Running", uid=uid_of(second))
+
+
+def test_once_does_not_restart_after_guest_shutdown(cluster: Cluster, ns: str) -> None:
+    cluster.create(ns, kernel_vm("once", "Once", user_data="#!/bin/sh\necho bye; poweroff\n"))
+    vmi = wait_for(lambda: cluster.vmi(ns, "once"), "the VMI of runStrategy Once", 30)
+    done = cluster.wait_vmi_phase(ns, "once", "Succeeded", uid=uid_of(vmi))
+    assert done["status"]["reason"] == "GuestShutdown"
+    vm = cluster.wait_printable(ns, "once", "Stopped")
+    # Once never starts a second VMI: the finished one stays, and the VM records no new start
+    again = cluster.vmi(ns, "once")
+    assert again is not None and uid_of(again) == uid_of(vmi)
+    assert vm["spec"]["runStrategy"] == "Once"
+
+
+def test_rerun_on_failure_restarts_a_crashed_qemu(cluster: Cluster, ns: str) -> None:
+    recorder = cluster.record_vmi(ns, "rerun")
+    try:
+        cluster.create(ns, kernel_vm("rerun", "RerunOnFailure"))
+        first = cluster.wait_vmi_phase(ns, "rerun", "Running")
+        os.kill(cluster.qemu_pid(uid_of(first)), signal.SIGKILL)
+        # the Failed VMI is replaced at once: the watch saw it
+        failed = wait_for(lambda: recorder.saw(uid_of(first), "Failed"),
+                          "the crashed VMI to be reported Failed", 60)
+        assert failed[2] == "Crashed"
+        second = cluster.wait_new_vmi(ns, "rerun", uid_of(first))
+        cluster.wait_vmi_phase(ns, "rerun", "Running", uid=uid_of(second))
+    finally:
+        recorder.close()
+
+
+def test_manual_needs_start_and_stop(cluster: Cluster, ns: str) -> None:
+    cluster.create(ns, kernel_vm("manual", "Manual"))
+    cluster.wait_printable(ns, "manual", "Stopped")
+    r = cluster.subresource("virtualmachines", ns, "manual", "start")
+    assert r.status_code == 202, r.text
+    vmi = cluster.wait_vmi_phase(ns, "manual", "Running")
+    again = cluster.subresource("virtualmachines", ns, "manual", "start")
+    assert again.status_code == 409 and again.json()["reason"] == "Conflict"
+    r = cluster.subresource("virtualmachines", ns, "manual", "stop")
+    assert r.status_code == 202, r.text
+    cluster.wait_vmi_gone(ns, "manual", uid=uid_of(vmi))
+    cluster.wait_printable(ns, "manual", "Stopped")
+
+
+# ---- the node agent --------------------------------------------------------------------------
+
+def test_agent_restart_keeps_vms_running(cluster: Cluster, ns: str) -> None:
+    cluster.create(ns, kernel_vm("survivor", "Always"))
+    vmi = cluster.wait_vmi_phase(ns, "survivor", "Running")
+    pid = cluster.qemu_pid(uid_of(vmi))
+    old_agent = cluster.agent_pid()
+    os.kill(old_agent, signal.SIGKILL)
+    wait_for(lambda: cluster.agent_pid() != old_agent, "the platform to restart the agent", 30)
+    # the new agent re-attached: pause goes through its QMP session
+    r = wait_for(lambda: (lambda resp: resp if resp.status_code == 200 else None)(
+        cluster.subresource("virtualmachineinstances", ns, "survivor", "pause")),
+        "pause through the restarted agent", 60)
+    assert r.status_code == 200
+    cluster.wait_printable(ns, "survivor", "Paused")
+    paused = cluster.vmi(ns, "survivor")
+    assert paused is not None and uid_of(paused) == uid_of(vmi)
+    assert any(c["type"] == "Paused" and c["status"] == "True"
+               for c in paused["status"]["conditions"])
+    assert cluster.qemu_pid(uid_of(vmi)) == pid and Path(f"/proc/{pid}").exists()
+    r = cluster.subresource("virtualmachineinstances", ns, "survivor", "unpause")
+    assert r.status_code == 200, r.text
+    cluster.wait_printable(ns, "survivor", "Running")
+    again = cluster.subresource("virtualmachineinstances", ns, "survivor", "unpause")
+    assert again.status_code == 409, again.text
+
+
+# ---- failures with clear reasons ---------------------------------------------------------------
+
+def test_unschedulable_and_unknown_image(cluster: Cluster, ns: str) -> None:
+    huge = kernel_vm("huge", "Always")
+    huge["spec"]["template"]["spec"]["domain"]["memory"]["guest"] = "100Ti"
+    cluster.create(ns, huge)
+    missing = kernel_vm("missing", "Always")
+    missing["spec"]["template"]["spec"]["domain"]["firmware"]["kernelBoot"]["container"][
+        "image"] = "example/not-in-the-store:v1"
+    cluster.create(ns, missing)
+    cluster.wait_printable(ns, "huge", "ErrorUnschedulable")
+    vmi = cluster.vmi(ns, "huge")
+    assert vmi is not None
+    cond = next(c for c in vmi["status"]["conditions"] if c["type"] == "PodScheduled")
+    assert cond["reason"] == "Unschedulable" and "memory" in cond["message"].lower()
+    cluster.wait_printable(ns, "missing", "ErrImagePull")
+    vmi = cluster.vmi(ns, "missing")
+    assert vmi is not None
+    sync = next(c for c in vmi["status"]["conditions"] if c["type"] == "Synchronized")
+    assert "example/not-in-the-store:v1" in sync["message"]
+
+
+def test_invalid_spec_is_422_with_field_path(cluster: Cluster, ns: str) -> None:
+    bad = kernel_vm("bad", "Always")
+    bad["spec"]["template"]["spec"]["domain"]["devices"]["disks"] = [
+        {"name": "nowhere", "disk": {"bus": "virtio"}}]
+    r = cluster.request("POST", f"/apis/kubevirt.io/v1/namespaces/{ns}/virtualmachines", bad)
+    assert r.status_code == 422, r.text
+    status = r.json()
+    assert status["reason"] == "Invalid"
+    fields = [c.get("field", "") for c in status["details"]["causes"]]
+    assert any("disks" in f for f in fields), fields
+    assert cluster.vm(ns, "bad") is None
+    both = copy.deepcopy(kernel_vm("both", "Always"))
+    both["spec"]["running"] = True
+    proc = cluster.kubectl.run("apply", "-n", ns, "-f", "-", input=yaml.safe_dump(both),
+                               check=False)
+    assert proc.returncode != 0 and "running" in proc.stderr
