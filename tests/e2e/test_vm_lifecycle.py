@@ -4,8 +4,10 @@ the node agent boots QEMU, the console answers, and runStrategy semantics hold."
 from __future__ import annotations
 
 import copy
+import json
 import os
 import signal
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -261,3 +263,118 @@ def test_invalid_spec_is_422_with_field_path(cluster: Cluster, ns: str) -> None:
     proc = cluster.kubectl.run("apply", "-n", ns, "-f", "-", input=yaml.safe_dump(both),
                                check=False)
     assert proc.returncode != 0 and "running" in proc.stderr
+
+
+# ---- VMI subresources, graceful stop ------------------------------------------------------------
+
+def ws_read_until(ws: Any, marker: bytes, timeout: float = 30) -> bytes:
+    deadline = time.monotonic() + timeout
+    buf = b""
+    while marker not in buf:
+        assert time.monotonic() < deadline, f"no {marker!r} within {timeout}s: {buf[-500:]!r}"
+        ws.settimeout(max(0.1, deadline - time.monotonic()))
+        data = ws.recv()
+        assert data, f"closed before {marker!r}: {buf[-500:]!r}"
+        buf += data if isinstance(data, bytes) else data.encode()
+    return buf
+
+
+def test_vmi_subresources_and_graceful_stop(cluster: Cluster, ns: str) -> None:
+    vm = kernel_vm("subs", "Always", user_data="#!/bin/sh\necho subs-user-data\n", grace=60)
+    cluster.create(ns, vm)
+    vmi = cluster.wait_vmi_phase(ns, "subs", "Running")
+    console = cluster.console(ns, "subs")
+    try:
+        console.read_until("TESTGUEST-READY", 90)
+        # guest agent data through the CLI
+        info = wait_for(lambda: (lambda p: p if p.returncode == 0 else None)(
+            cluster.cli("guestosinfo", "subs", "-n", ns, check=False)), "guestosinfo", 60)
+        assert json.loads(info.stdout)["os"]["id"] == "virtshift-testguest"
+        # port-forward: the guest's HTTP server on port 80
+        ws = cluster.websocket(ns, "subs", "portforward/80")
+        try:
+            ws.send_binary(b"GET / HTTP/1.0\r\nHost: guest\r\n\r\n")
+            page = ws_read_until(ws, b"</html>")
+            assert b"200 OK" in page and b"virtshift testguest" in page
+        finally:
+            ws.close()
+        # VNC: the RFB greeting of QEMU's VNC server
+        ws = cluster.websocket(ns, "subs", "vnc")
+        try:
+            assert ws_read_until(ws, b"\n", 10).startswith(b"RFB 003.008")
+        finally:
+            ws.close()
+        # soft reboot through the guest agent: same VMI and QEMU, the guest boots again
+        pid = cluster.qemu_pid(uid_of(vmi))
+        mark = len(console.text)
+        cluster.cli("soft-reboot", "subs", "-n", ns)
+        console.read_until("TESTGUEST-READY", 90, start=mark)
+        assert cluster.qemu_pid(uid_of(vmi)) == pid
+        # pause and unpause through the CLI (virtctl's `pause vm`)
+        cluster.cli("pause", "vm", "subs", "-n", ns)
+        cluster.wait_printable(ns, "subs", "Paused")
+        cluster.cli("unpause", "vm", "subs", "-n", ns)
+        cluster.wait_printable(ns, "subs", "Running")
+    finally:
+        console.close()
+    # graceful stop: the ACPI power button reaches the guest, which powers off well before
+    # its 60 s grace period; the VMI ends Succeeded with reason Stopped (not Killed)
+    recorder = cluster.record_vmi(ns, "subs")
+    try:
+        started = time.monotonic()
+        cluster.cli("stop", "subs", "-n", ns)
+        stopped = wait_for(lambda: recorder.saw(uid_of(vmi), "Succeeded"),
+                           "the VMI to stop gracefully", 60)
+        assert stopped[2] == "Stopped", recorder.states
+        assert time.monotonic() - started < 30
+    finally:
+        recorder.close()
+    cluster.wait_printable(ns, "subs", "Stopped")
+    bad = cluster.subresource("virtualmachineinstances", ns, "subs", "pause")
+    assert bad.status_code == 404 and bad.json()["kind"] == "Status"
+
+
+def test_disks_emptydisk_configdrive_hostdisk(cluster: Cluster, ns: str) -> None:
+    vm = kernel_vm("disks", "Always")
+    spec = vm["spec"]["template"]["spec"]
+    allowed = cluster.data_dir / "nodes" / "node01" / "hostdisks"
+    spec["volumes"] = [
+        {"name": "scratch", "emptyDisk": {"capacity": "64Mi"}},
+        {"name": "host", "hostDisk": {"path": str(allowed / "disks" / "h.img"),
+                                      "type": "DiskOrCreate", "capacity": "32Mi"}},
+        {"name": "cfg", "cloudInitConfigDrive": {
+            "userData": "#!/bin/sh\necho configdrive-says-$((2+3))\n"}},
+    ]
+    spec["domain"]["devices"]["disks"] = [
+        {"name": "scratch", "disk": {"bus": "virtio"}},
+        {"name": "host", "disk": {"bus": "virtio"}},
+        {"name": "cfg", "disk": {"bus": "virtio"}},
+    ]
+    cluster.create(ns, vm)
+    cluster.wait_vmi_phase(ns, "disks", "Running")
+    console = cluster.console(ns, "disks")
+    try:
+        console.read_until("configdrive-says-5", 90)
+        console.wait_prompt()
+        mark = len(console.text)
+        console.send("cat /sys/block/vda/size /sys/block/vdb/size; echo disks-$((1+1))\n")
+        out = console.read_until(r"disks-2\s", 30, start=mark)[mark:]
+        assert "131072" in out and "65536" in out, out  # 512-byte sectors: 64Mi, 32Mi
+    finally:
+        console.close()
+    assert (allowed / "disks" / "h.img").stat().st_size == 32 * 1024 * 1024
+    outside = kernel_vm("outside", "Always")
+    outside["spec"]["template"]["spec"]["volumes"] = [
+        {"name": "etc", "hostDisk": {"path": "/etc/passwd", "type": "Disk"}}]
+    outside["spec"]["template"]["spec"]["domain"]["devices"]["disks"] = [
+        {"name": "etc", "disk": {"bus": "virtio"}}]
+    cluster.create(ns, outside)
+
+    def refused() -> dict[str, Any] | None:
+        vmi = cluster.vmi(ns, "outside")
+        conds = (vmi or {}).get("status", {}).get("conditions", [])
+        return next((c for c in conds if c["type"] == "Synchronized"
+                     and "outside the node's allowed directories" in c.get("message", "")),
+                    None)
+    cond = wait_for(refused, "the hostDisk outside the allowed directories to be refused", 60)
+    assert cond["status"] == "False"

@@ -3,10 +3,12 @@ imported, KubeVirt subresource calls, a websocket console, polling with deadline
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import signal
+import socket
 import ssl
 import subprocess
 import threading
@@ -165,14 +167,18 @@ class Cluster:
                                  f"log tail:\n{self.platform.log_text()[-6000:]}") from None
 
     def console(self, ns: str, name: str) -> Console:
+        return Console(self.websocket(ns, name, "console"))
+
+    def websocket(self, ns: str, name: str, sub: str) -> websocket.WebSocket:
+        """A ``plain.kubevirt.io`` websocket to VMI subresource ``sub`` (console, vnc,
+        portforward/PORT)."""
         cfg = self.platform.config()
         url = (cfg.server.replace("https://", "wss://") +
-               f"{SUBRESOURCES}/namespaces/{ns}/virtualmachineinstances/{name}/console")
-        ws = websocket.create_connection(
+               f"{SUBRESOURCES}/namespaces/{ns}/virtualmachineinstances/{name}/{sub}")
+        return websocket.create_connection(
             url, subprotocols=["plain.kubevirt.io"],
             header=[f"Authorization: Bearer {cfg.token}"],
             sslopt={"cert_reqs": ssl.CERT_REQUIRED, "ca_certs": str(self._ca())}, timeout=10)
-        return Console(ws)
 
     def _ca(self) -> Path:
         self._session()[0].close()
@@ -228,6 +234,13 @@ class VMIRecorder:
         return next((s for s in self.states if s[0] == uid and s[1] == phase), None)
 
     def close(self) -> None:
+        # Closing the response while the reader thread blocks on it would hang: shut the
+        # socket down first, so the thread sees EOF and ends.
+        sock = getattr(getattr(self._resp.raw, "connection", None), "sock", None)
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+        self._thread.join(10)
         self._resp.close()
 
 

@@ -295,10 +295,11 @@ class VMISync:
             return
         if deleting:
             if dom.stopping is None and dom.sup is not None:
-                grace = meta.get("deletionGracePeriodSeconds")
-                if not isinstance(grace, int):
-                    grace = _dict(vmi.get("spec")).get("terminationGracePeriodSeconds")
-                grace = grace if isinstance(grace, int) else DEFAULT_GRACE
+                # virt-handler's rule: the VMI's own grace period (the stop subresource writes
+                # a shorter one into it); a custom resource's deletionGracePeriodSeconds is
+                # always 0 and says nothing.
+                grace = _dict(vmi.get("spec")).get("terminationGracePeriodSeconds")
+                grace = grace if isinstance(grace, int) and grace >= 0 else DEFAULT_GRACE
                 log.info("VMI %s/%s is being deleted: shutting down (grace %ds)", *key, grace)
                 dom.stopping = asyncio.create_task(dom.sup.shutdown(grace))
             return
