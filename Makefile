@@ -27,7 +27,7 @@ unit: setup
 	$(VENV)/bin/pytest -q tests/unit
 
 demo: setup
-	$(VENV)/bin/virtshift up
+	@scripts/demo.sh
 
 bench: setup
 	$(PY) bench/api_store.py

@@ -218,7 +218,6 @@ def main() -> None:
         before = rss_kib(p.proc.pid) + rss_kib(agent_pid)
         names = [f"burst{i}" for i in range(args.burst)]
         b_run, b_ready, _ = start_vms(api, p, names)
-        time.sleep(0)  # all running now
         after = rss_kib(p.proc.pid) + rss_kib(agent_pid)
         delete_vms(api, names)
         bare_burst, _ = bare_qemu(argv, src_copy, args.burst)

@@ -378,3 +378,26 @@ def test_disks_emptydisk_configdrive_hostdisk(cluster: Cluster, ns: str) -> None
                     None)
     cond = wait_for(refused, "the hostDisk outside the allowed directories to be refused", 60)
     assert cond["status"] == "False"
+
+
+def test_uefi_vm_runs_ovmf_and_reset(cluster: Cluster, ns: str) -> None:
+    vm = kernel_vm("uefi", "Always")
+    spec = vm["spec"]["template"]["spec"]
+    del spec["domain"]["firmware"]["kernelBoot"]
+    spec["domain"]["firmware"]["bootloader"] = {"efi": {"secureBoot": False}}
+    spec["volumes"] = [{"name": "root", "containerDisk": {"image": TESTGUEST_IMAGE}}]
+    spec["domain"]["devices"]["disks"] = [{"name": "root", "disk": {"bus": "virtio"}}]
+    cluster.create(ns, vm)
+    vmi = cluster.wait_vmi_phase(ns, "uefi", "Running")
+    run = cluster.run_dir(uid_of(vmi))
+    assert (run / "efi-vars.fd").is_file()
+    argv = json.loads((run / "supervisor.json").read_text())["argv"]
+    assert any("OVMF_CODE" in a for a in argv)
+    # OVMF's boot manager reports on the serial console (the test disk has no EFI loader)
+    log = run / "serial.log"
+    wait_for(lambda: b"BdsDxe" in log.read_bytes(), "OVMF output on the console", 90)
+    size = log.stat().st_size
+    r = cluster.subresource("virtualmachineinstances", ns, "uefi", "reset")
+    assert r.status_code == 200, r.text
+    wait_for(lambda: b"BdsDxe" in log.read_bytes()[size:], "OVMF again after reset", 90)
+    assert cluster.vmi(ns, "uefi")["metadata"]["uid"] == uid_of(vmi)  # type: ignore[index]

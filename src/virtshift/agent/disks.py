@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import os
+import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +28,8 @@ from virtshift.api.admission import quantity
 from virtshift.api.kinds import REGISTRY, Obj
 from virtshift.client.rest import Client
 from virtshift.errors import NotFound, VirtshiftError
-from virtshift.launcher.context import DiskFile, KernelBoot
+from virtshift.launcher.context import DiskFile, EfiFirmware, KernelBoot
+from virtshift.launcher.converter import efi_secure_boot
 from virtshift.storage.cloudinit import build_seed, configdrive_files, nocloud_files
 from virtshift.storage.imagecache import ImageCache, ImageError, create_overlay
 
@@ -44,6 +46,33 @@ class DiskError(VirtshiftError):
 class Prepared:
     disks: dict[str, DiskFile] = field(default_factory=dict)
     kernel_boot: KernelBoot | None = None
+    efi: EfiFirmware | None = None
+
+
+OVMF_DIR = Path("/usr/share/OVMF")
+# (code, vars template) per secure boot setting, preferring the 4 MiB builds (Debian's ovmf)
+OVMF_FILES = {
+    False: (("OVMF_CODE_4M.fd", "OVMF_VARS_4M.fd"), ("OVMF_CODE.fd", "OVMF_VARS.fd")),
+    True: (("OVMF_CODE_4M.secboot.fd", "OVMF_VARS_4M.ms.fd"),
+           ("OVMF_CODE.secboot.fd", "OVMF_VARS.ms.fd")),
+}
+
+
+def prepare_efi(vmi: Mapping[str, Any], run_dir: Path, ovmf_dir: Path = OVMF_DIR
+                ) -> EfiFirmware | None:
+    """OVMF for ``bootloader.efi``: the read-only code and this VMI's own copy of the variable
+    store (kept across reboots of the VMI, gone with it). None when the VMI boots BIOS or the
+    node has no OVMF (the converter then reports the field)."""
+    secure = efi_secure_boot(dict(vmi))
+    if secure is None:
+        return None
+    for code, template in OVMF_FILES[secure]:
+        if (ovmf_dir / code).is_file() and (ovmf_dir / template).is_file():
+            vars_copy = run_dir / "efi-vars.fd"
+            if not vars_copy.exists():
+                shutil.copyfile(ovmf_dir / template, vars_copy)
+            return EfiFirmware(str(ovmf_dir / code), str(vars_copy), secure_boot=secure)
+    return None
 
 
 def _dict(value: Any) -> dict[str, Any]:
@@ -126,6 +155,7 @@ class DiskPreparer:
                 kinds = [k for k in vol if k != "name"]
                 raise DiskError(f"volume {vname}: {', '.join(kinds) or 'unknown'} volumes are "
                                 "not supported on this node")
+        out.efi = await asyncio.to_thread(prepare_efi, vmi, disk_dir.parent)
         kb = _dict(_dict(_dict(spec.get("domain")).get("firmware")).get("kernelBoot"))
         container = _dict(kb.get("container"))
         if container.get("image"):

@@ -6,7 +6,7 @@ token; users never reach the agent directly.
 
 - ``console``, ``vnc``, ``portforward/{port}``: websockets (binary frames) spliced to the VM's
   serial socket, VNC socket, or a guest TCP port;
-- ``pause``, ``unpause``, ``softreboot`` (PUT) and ``guestosinfo`` (GET).
+- ``pause``, ``unpause``, ``softreboot``, ``reset`` (PUT) and ``guestosinfo`` (GET).
 """
 
 from __future__ import annotations
@@ -78,6 +78,7 @@ class AgentEndpoints:
         app.router.add_put(PREFIX + "/pause", self._wrap(self.pause))
         app.router.add_put(PREFIX + "/unpause", self._wrap(self.unpause))
         app.router.add_put(PREFIX + "/softreboot", self._wrap(self.softreboot))
+        app.router.add_put(PREFIX + "/reset", self._wrap(self.reset))
         app.router.add_get(PREFIX + "/guestosinfo", self._wrap(self.guestosinfo))
         app.router.add_get("/healthz", self._healthz)
 
@@ -164,6 +165,11 @@ class AgentEndpoints:
         if await self._paused(dom):
             raise Conflict("VMI is paused")
         await dom.sup.soft_reboot()
+        return web.Response(status=200)
+
+    async def reset(self, _request: web.Request, dom: Domain) -> web.StreamResponse:
+        assert dom.sup is not None
+        await dom.sup.reset()
         return web.Response(status=200)
 
     async def guestosinfo(self, _request: web.Request, dom: Domain) -> web.StreamResponse:

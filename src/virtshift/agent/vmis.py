@@ -348,7 +348,7 @@ class VMISync:
         forwards = self._forwards(vmi)
         ctx = LaunchContext(
             run_dir=run.path, accel="kvm" if self.accel == "kvm" else "tcg",
-            disks=prepared.disks, kernel_boot=prepared.kernel_boot,
+            disks=prepared.disks, kernel_boot=prepared.kernel_boot, efi=prepared.efi,
             networks={name: UserNetwork(tuple(PortForward(self.address, host, guest)
                                               for guest, host in forwards.items()))
                       for name in self._pod_interfaces(vmi)})

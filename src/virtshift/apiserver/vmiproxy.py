@@ -1,6 +1,6 @@
 """VMI subresources served by the VMI's node agent (virt-api -> virt-handler): ``console``,
 ``vnc``, ``portforward/{port}[/{protocol}]`` (websockets, subprotocol ``plain.kubevirt.io``),
-``pause``, ``unpause``, ``softreboot`` (PUT) and ``guestosinfo`` (GET).
+``pause``, ``unpause``, ``softreboot``, ``reset`` (PUT) and ``guestosinfo`` (GET).
 
 The API server has authenticated the caller; it finds the VMI and its node, then calls the
 agent's endpoint (``Node.status.addresses`` InternalIP and ``daemonEndpoints.kubeletEndpoint``)
@@ -29,7 +29,8 @@ from virtshift.errors import (
 )
 
 STREAMS = ("console", "vnc", "portforward")
-ACTIONS = {"pause": "PUT", "unpause": "PUT", "softreboot": "PUT", "guestosinfo": "GET"}
+ACTIONS = {"pause": "PUT", "unpause": "PUT", "softreboot": "PUT", "reset": "PUT",
+           "guestosinfo": "GET"}
 SUBPROTOCOL = "plain.kubevirt.io"
 
 

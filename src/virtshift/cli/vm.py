@@ -848,6 +848,10 @@ def register(subparsers: Any) -> None:
     p.add_argument("name", metavar="NAME")
     p.set_defaults(func=_vmi_action("soft-reboot", "softreboot"))
 
+    p = verb("reset", "hard-reset a virtual machine instance (like pressing its reset button)")
+    p.add_argument("name", metavar="NAME")
+    p.set_defaults(func=_vmi_action("reset", "reset"))
+
     p = verb("guestosinfo", "print the guest agent's OS information as JSON")
     p.add_argument("name", metavar="NAME")
     p.set_defaults(func=_cmd_guestosinfo)
