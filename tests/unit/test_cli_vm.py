@@ -543,10 +543,14 @@ async def test_console_with_pipes(api: Api, client: Client) -> None:
 
 
 async def test_console_ends_at_end_of_input(api: Api, client: Client) -> None:
-    with _pipe() as (in_r, in_w), _pipe() as (_, out_w):
-        os.close(in_w)
-        assert await console(client, NS, "echo", 10, stdin_fd=in_r, stdout_fd=out_w,
-                             stderr=io.StringIO()) == 0
+    in_r, in_w = os.pipe()
+    os.close(in_w)  # stdin at EOF (closed once here, never again: its number gets reused)
+    try:
+        with _pipe() as (_, out_w):
+            assert await console(client, NS, "echo", 10, stdin_fd=in_r, stdout_fd=out_w,
+                                 stderr=io.StringIO()) == 0
+    finally:
+        os.close(in_r)
     await api.closed["echo"].wait()
 
 
@@ -567,10 +571,14 @@ async def test_console_on_a_terminal_uses_raw_mode_and_escape(api: Api, client: 
 
 
 async def test_console_waits_for_the_vmi_to_run(api: Api, client: Client) -> None:
-    with _pipe() as (in_r, in_w), _pipe() as (_, out_w):
-        os.close(in_w)
-        assert await console(client, NS, "starting", 10, stdin_fd=in_r, stdout_fd=out_w,
-                             stderr=io.StringIO(), interval=0) == 0
+    in_r, in_w = os.pipe()
+    os.close(in_w)  # stdin at EOF (closed once here, never again: its number gets reused)
+    try:
+        with _pipe() as (_, out_w):
+            assert await console(client, NS, "starting", 10, stdin_fd=in_r, stdout_fd=out_w,
+                                 stderr=io.StringIO(), interval=0) == 0
+    finally:
+        os.close(in_r)
     assert api.attempts["starting"] == 5
 
 
