@@ -173,7 +173,8 @@ class Api:
         return latencies
 
 
-async def run(n: int, concurrency: int, watchers: int, writes: int) -> str:
+async def run(n: int, concurrency: int, watchers: int, writes: int,
+              with_controllers: bool = False) -> str:
     work = Path(tempfile.mkdtemp(prefix="virtshift-bench-"))
     raw_db = work / "raw.db"
     raw_create = raw_sqlite_inserts(raw_db, n)
@@ -181,7 +182,8 @@ async def run(n: int, concurrency: int, watchers: int, writes: int) -> str:
     raw_list_s = raw_list(raw_db, 1000)
     raw_lat = raw_commit_latency(raw_db, 200)
 
-    platform = PlatformProcess(work / "platform").start()
+    platform = PlatformProcess(work / "platform",
+                               args=[] if with_controllers else ["--no-controllers"]).start()
     api = Api(platform)
     try:
         api_create = await api.creates(n, concurrency)
@@ -221,8 +223,12 @@ def main() -> None:
     ap.add_argument("-c", "--concurrency", type=int, default=32)
     ap.add_argument("--watchers", type=int, default=100)
     ap.add_argument("--writes", type=int, default=50)
+    ap.add_argument("--with-controllers", action="store_true",
+                    help="run the controllers too (each created VM then gets the VM "
+                         "controller's finalizer and status: three writes per create)")
     args = ap.parse_args()
-    print(asyncio.run(run(args.n, args.concurrency, args.watchers, args.writes)))
+    print(asyncio.run(run(args.n, args.concurrency, args.watchers, args.writes,
+                          args.with_controllers)))
 
 
 if __name__ == "__main__":

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ctypes
 import gc
 import logging
@@ -12,27 +11,29 @@ import signal
 import sys
 from pathlib import Path
 
-from virtshift.api.kinds import REGISTRY
+from virtshift.aio import stop_tasks
 from virtshift.apiserver.server import start_api_server
-from virtshift.client import kubeconfig
-from virtshift.client.rest import Client
-from virtshift.controller.manager import run_controllers
 
 log = logging.getLogger(__name__)
 
 
 async def up(data_dir: Path, listen: str, *, nodes: int, accel: str,
-             store_url: str | None) -> None:
+             store_url: str | None, controllers: bool = True) -> None:
     api = await start_api_server(data_dir, listen, store_url=store_url)
     tune_gc()
-    client = Client(kubeconfig.load(api.components_kubeconfig),
-                    user_agent="virtshift-controller")
-    tasks = [asyncio.create_task(run_controllers(client, REGISTRY), name="controllers")]
+    base = [sys.executable, "-m", "virtshift.cli.main", "--kubeconfig",
+            str(api.components_kubeconfig)]
+    children = [ChildProcess("controller", [*base, "controller"], data_dir / "controller.pid")
+                ] if controllers else []
     for i in range(1, nodes + 1):
-        agent = AgentProcess(f"node{i:02d}", data_dir, api.components_kubeconfig,
-                             api.agent_token_file,
-                             accel)
-        tasks.append(asyncio.create_task(agent.run(), name=f"agent-{agent.node}"))
+        node = f"node{i:02d}"
+        node_dir = data_dir / "nodes" / node
+        children.append(ChildProcess(
+            f"agent {node}",
+            [*base, "agent", "--node-name", node, "--data-dir", str(node_dir), "--accel",
+             accel, "--proxy-token-file", str(api.agent_token_file)],
+            node_dir / "agent.pid"))
+    tasks = [asyncio.create_task(c.run(), name=c.name) for c in children]
     print(f"virtshift is up: API {api.url}", flush=True)
     print(f"  kubectl --kubeconfig {api.kubeconfig} get namespaces", flush=True)
     stop = asyncio.Event()
@@ -40,43 +41,30 @@ async def up(data_dir: Path, listen: str, *, nodes: int, accel: str,
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     try:
-        done_waiter = asyncio.create_task(stop.wait())
-        finished, _ = await asyncio.wait([done_waiter, *tasks],
-                                         return_when=asyncio.FIRST_COMPLETED)
-        for t in finished:
-            if t is not done_waiter and t.exception() is not None:
-                log.error("component %s failed: %s", t.get_name(), t.exception())
+        await stop.wait()
     finally:
-        for t in tasks:
-            t.cancel()
-        for t in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await t
-        await client.close()
+        await stop_tasks(tasks)
         await api.stop()
 
 
-class AgentProcess:
-    """One node agent as its own process (``virtshift agent``), restarted when it exits: VMs
-    keep running meanwhile and the new agent re-attaches to them."""
+class ChildProcess:
+    """A component in its own process (the controller, ``virtshift controller``; a node agent,
+    ``virtshift agent``), restarted with backoff when it exits. A node agent's VMs keep
+    running meanwhile and the new agent re-attaches to them. The child gets SIGTERM if the
+    platform dies, even by kill -9."""
 
-    def __init__(self, node: str, data_dir: Path, kubeconfig_path: Path, token_file: Path,
-                 accel: str) -> None:
-        self.node = node
-        self.data_dir = data_dir / "nodes" / node
-        self.argv = [sys.executable, "-m", "virtshift.cli.main", "--kubeconfig",
-                     str(kubeconfig_path), "agent", "--node-name", node,
-                     "--data-dir", str(self.data_dir),
-                     "--accel", accel, "--proxy-token-file", str(token_file)]
+    def __init__(self, name: str, argv: list[str], pidfile: Path) -> None:
+        self.name = name
+        self.argv = argv
+        self.pidfile = pidfile
 
     async def run(self) -> None:
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        pidfile = self.data_dir / "agent.pid"
+        self.pidfile.parent.mkdir(parents=True, exist_ok=True)
         backoff = 0.5
         while True:
             started = asyncio.get_running_loop().time()
             proc = await asyncio.create_subprocess_exec(*self.argv, preexec_fn=_die_with_parent)
-            pidfile.write_text(f"{proc.pid}\n")
+            self.pidfile.write_text(f"{proc.pid}\n")
             try:
                 code = await proc.wait()
             except asyncio.CancelledError:
@@ -90,8 +78,7 @@ class AgentProcess:
                 raise
             ran = asyncio.get_running_loop().time() - started
             backoff = 0.5 if ran > 30 else min(backoff * 2, 10.0)
-            log.warning("node agent %s exited with %s; restarting in %.1fs", self.node, code,
-                        backoff)
+            log.warning("%s exited with %s; restarting in %.1fs", self.name, code, backoff)
             await asyncio.sleep(backoff)
 
 

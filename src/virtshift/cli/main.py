@@ -35,7 +35,20 @@ def _up(args: argparse.Namespace) -> int:
     if args.nodes < 0:
         raise VirtshiftError("--nodes must be 0 or more")
     uvloop.run(up(args.data_dir or default_home(), args.listen, nodes=args.nodes,
+                  controllers=not args.no_controllers,
                   accel=args.accel or default_accel(), store_url=args.store))
+    return 0
+
+
+def _controller(args: argparse.Namespace) -> int:
+    from virtshift.client import kubeconfig
+    from virtshift.controller.manager import run
+
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s controller %(name)s: %(message)s",
+    )
+    uvloop.run(run(kubeconfig.locate(args.kubeconfig)))
     return 0
 
 
@@ -70,11 +83,17 @@ def parser() -> argparse.ArgumentParser:
     up.add_argument("--listen", default="127.0.0.1:6443",
                     help="HOST:PORT for the API (default 127.0.0.1:6443; port 0 picks one)")
     up.add_argument("--nodes", type=int, default=1, help="node agents to run (0: control plane)")
+    up.add_argument("--no-controllers", action="store_true",
+                    help="serve the API and store only, without the controllers (to measure "
+                         "or debug the API server alone)")
     up.add_argument("--accel", choices=("auto", "kvm", "tcg"), default=None,
                     help="accelerator for VMs (default $VIRTSHIFT_ACCEL or auto)")
     up.add_argument("--store", default=None, help="store URL (default sqlite in the data dir)")
     up.add_argument("-v", "--verbose", action="store_true")
     up.set_defaults(func=_up)
+    ctl = sub.add_parser("controller", help="run the controllers (virtshift up starts them)")
+    ctl.add_argument("-v", "--verbose", action="store_true")
+    ctl.set_defaults(func=_controller)
     agent = sub.add_parser("agent", help="run one node agent (virtshift up starts them)")
     agent.add_argument("--node-name", required=True)
     agent.add_argument("--data-dir", type=Path, required=True, help="the node's state directory")

@@ -17,13 +17,16 @@ import asyncio
 import datetime
 import logging
 import random
+import signal
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 
 from virtshift.aio import stop_tasks
-from virtshift.api.kinds import KindInfo, Obj, Registry
+from virtshift.api.kinds import REGISTRY, KindInfo, Obj, Registry
+from virtshift.client import kubeconfig
 from virtshift.client.informer import Reflector
 from virtshift.client.rest import Client
 from virtshift.controller.gc import GarbageCollector
@@ -539,3 +542,21 @@ async def run_controllers(client: Client, registry: Registry) -> None:
         raise RuntimeError(f"controller {next(iter(done)).get_name()} stopped")
     finally:
         await stop_tasks(tasks)
+
+
+async def run(kubeconfig_path: Path) -> None:
+    """The controller process (``virtshift controller``): every controller until SIGTERM."""
+    client = Client(kubeconfig.load(kubeconfig_path), user_agent="virtshift-controller")
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    task = asyncio.create_task(run_controllers(client, REGISTRY), name="controllers")
+    waiter = asyncio.create_task(stop.wait())
+    try:
+        await asyncio.wait([task, waiter], return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
+            task.result()
+    finally:
+        await stop_tasks([task, waiter])
+        await client.close()
