@@ -61,6 +61,17 @@ class WriteContext:
     warnings: list[str] = field(default_factory=list)
 
 
+def _pins_version(patch_type: str, body: Any) -> bool:
+    """Whether a patch body sets ``metadata.resourceVersion`` (a precondition)."""
+    if isinstance(body, list):
+        return any(isinstance(op, dict) and op.get("path") == "/metadata/resourceVersion"
+                   for op in body)
+    if isinstance(body, dict):
+        meta = body.get("metadata")
+        return isinstance(meta, dict) and meta.get("resourceVersion") is not None
+    return False
+
+
 def _optimistic_lock_message(kind: KindInfo, name: str) -> str:
     return (
         f'Operation cannot be fulfilled on {kind.group_resource} "{name}": the object has been '
@@ -471,10 +482,14 @@ class Resources:
                 patched = strategic_merge_patch(kind, current, body)
             if not isinstance(patched, dict):
                 raise BadRequest("the patch did not produce an object")
-            pinned = (patched.get("metadata") or {}).get("resourceVersion")
-            if pinned and str(pinned) != str(rec.revision):
+            # The object carries the version it was read at; only a patch that sets
+            # resourceVersion itself makes it a precondition (a plain patch is re-applied to
+            # the newest object on a write conflict, as Kubernetes does).
+            version = (patched.get("metadata") or {}).get("resourceVersion")
+            if version and str(version) != str(rec.revision):
                 raise Conflict(_optimistic_lock_message(kind, name), name=name,
                                group=kind.group, kind=kind.plural)
+            pinned = _pins_version(patch_type, body)
             try:
                 out = await self._write_update(kind, ns, rec, patched, ctx,
                                                subresource=subresource, managed_done=apply)
