@@ -189,7 +189,7 @@ def main() -> None:
         api = Api(p)
         wait(lambda: api.call("GET", "/api/v1/nodes/node01"), 60, "node01")
         subprocess.run([str(VIRTSHIFT), "--kubeconfig", str(p.kubeconfig), "image", "import",
-                        KERNEL_IMAGE, "--kernel", str(images.vmlinuz), "--initrd",
+                        KERNEL_IMAGE, "--kernel", str(images.vmlinux), "--initrd",
                         str(images.initrd), "--cmdline", "console=ttyS0 quiet"], check=True,
                        capture_output=True)
         # warm-up: the node fetches and caches the image once

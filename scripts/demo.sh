@@ -21,7 +21,7 @@ if ! "$BIN/virtshift" image list 2>/dev/null | grep -q '^virtshift/testguest:lat
   "$BIN/virtshift" image import virtshift/testguest:latest "$GUEST/testguest.qcow2"
 fi
 if ! "$BIN/virtshift" image list 2>/dev/null | grep -q '^virtshift/testguest-kernel:latest '; then
-  "$BIN/virtshift" image import virtshift/testguest-kernel:latest --kernel "$GUEST/vmlinuz" \
+  "$BIN/virtshift" image import virtshift/testguest-kernel:latest --kernel "$GUEST/vmlinux" \
     --initrd "$GUEST/initrd.img" --cmdline "console=ttyS0 quiet"
 fi
 "$BIN/kubectl" apply -f - <<'YAML'

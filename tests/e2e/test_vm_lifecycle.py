@@ -3,6 +3,7 @@ the node agent boots QEMU, the console answers, and runStrategy semantics hold."
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
 import yaml
 
 from tests.conftest import CORPUS, Kubectl
@@ -39,7 +41,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         wait_for(lambda: c.request("GET", "/api/v1/nodes/node01").ok, "node01 to register", 60)
         c.cli("image", "import", CIRROS_IMAGE, str(images.disk))
         c.cli("image", "import", TESTGUEST_IMAGE, str(images.disk))
-        c.cli("image", "import", KERNEL_IMAGE, "--kernel", str(images.vmlinuz), "--initrd",
+        c.cli("image", "import", KERNEL_IMAGE, "--kernel", str(images.vmlinux), "--initrd",
               str(images.initrd), "--cmdline", "console=ttyS0 quiet")
         yield c
     finally:
@@ -401,3 +403,40 @@ def test_uefi_vm_runs_ovmf_and_reset(cluster: Cluster, ns: str) -> None:
     assert r.status_code == 200, r.text
     wait_for(lambda: b"BdsDxe" in log.read_bytes()[size:], "OVMF again after reset", 90)
     assert cluster.vmi(ns, "uefi")["metadata"]["uid"] == uid_of(vmi)  # type: ignore[index]
+
+
+def test_agent_cleans_up_qemu_whose_vmi_is_gone(cluster: Cluster, ns: str) -> None:
+    """A VMI force-removed while its agent was down: the restarted agent kills its QEMU."""
+    vm = kernel_vm("orphan", "Always")
+    vmi_obj = {"apiVersion": "kubevirt.io/v1", "kind": "VirtualMachineInstance",
+               "metadata": {"name": "orphan"}, "spec": vm["spec"]["template"]["spec"]}
+    cluster.create(ns, vmi_obj)
+    vmi = cluster.wait_vmi_phase(ns, "orphan", "Running")
+    pid = cluster.qemu_pid(uid_of(vmi))
+    # consoles need the caller's credentials
+    cfg = cluster.platform.config()
+    anon = requests.get(f"{cfg.server}/apis/subresources.kubevirt.io/v1/namespaces/{ns}/"
+                        "virtualmachineinstances/orphan/console",
+                        verify=str(cluster.data_dir / "ca-for-tests.pem"), timeout=10)
+    assert anon.status_code == 401 and anon.json()["reason"] == "Unauthorized"
+    agent = cluster.agent_pid()
+    os.kill(agent, signal.SIGSTOP)
+    try:
+        s, server = cluster._session()
+        with s:
+            r = s.patch(f"{server}/apis/kubevirt.io/v1/namespaces/{ns}/virtualmachineinstances/"
+                        "orphan", json={"metadata": {"finalizers": None}},
+                        headers={"Content-Type": "application/merge-patch+json"}, timeout=10)
+            assert r.status_code == 200, r.text
+            r = s.delete(f"{server}/apis/kubevirt.io/v1/namespaces/{ns}/"
+                         "virtualmachineinstances/orphan", timeout=10)
+            assert r.status_code == 200, r.text
+        cluster.wait_vmi_gone(ns, "orphan")
+        assert Path(f"/proc/{pid}").exists()  # the stopped agent could not act
+    finally:
+        os.kill(agent, signal.SIGKILL)  # delivered to a stopped process too
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(agent, signal.SIGCONT)
+    wait_for(lambda: cluster.agent_pid() != agent, "the platform to restart the agent", 30)
+    wait_for(lambda: not Path(f"/proc/{pid}").exists(), "the orphaned QEMU to be killed", 60)
+    wait_for(lambda: not cluster.run_dir(uid_of(vmi)).exists(), "its run directory removed", 30)
