@@ -31,13 +31,13 @@ from virtshift.api.kinds import REGISTRY
 from virtshift.api.schema import default_schemas
 from virtshift.apiserver.pki import Pki, ensure_pki
 from virtshift.cli import main
+from virtshift.cli.createvm import build_vm
 from virtshift.cli.streams import FdReader, pump, ws_connect
 from virtshift.cli.vm import (
     Forwarder,
     PortSpec,
     Target,
     VmCommandError,
-    build_vm,
     console,
     kubectl_argv,
     parse_port,

@@ -22,7 +22,7 @@ from virtshift.client.kubeconfig import default_home
 from virtshift.errors import VirtshiftError
 
 # Command families, each a module with register(subparsers).
-COMMAND_MODULES = ("virtshift.cli.images", "virtshift.cli.vm")
+COMMAND_MODULES = ("virtshift.cli.images", "virtshift.cli.vm", "virtshift.cli.createvm")
 
 
 def _up(args: argparse.Namespace) -> int:
