@@ -177,8 +177,10 @@ class VMISync:
         task = asyncio.create_task(reflector.run(), name="agent-vmi-reflector")
         try:
             await self._synced.wait()
-            for key in list(self.domains):
-                self.kick(key)  # orphans and VMIs that ended while the agent was away
+            # every listed VMI, and the QEMUs found on disk (orphans, VMIs that ended while
+            # the agent was away)
+            for key in {*self.vmis, *self.domains}:
+                self.kick(key)
             await task
         finally:
             task.cancel()
@@ -260,10 +262,10 @@ class VMISync:
     # ---- reconcile ----------------------------------------------------------------------------
 
     async def reconcile(self, key: Key) -> None:
-        vmi = self.vmis.get(key) if self._synced.is_set() else None
-        dom = self.domains.get(key)
         if not self._synced.is_set():
-            return
+            return  # every key is kicked again once the first list is in
+        vmi = self.vmis.get(key)
+        dom = self.domains.get(key)
         uid = str(_dict(vmi.get("metadata")).get("uid")) if vmi else ""
         if dom is not None and (vmi is None or dom.uid != uid):
             log.info("VMI %s/%s (uid %s) is gone: stopping its QEMU", *key, dom.uid)
