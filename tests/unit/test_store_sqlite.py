@@ -17,7 +17,8 @@ import pytest
 from virtshift.errors import Compacted, KeyExists, KeyNotFound, RevisionMismatch, StoreError
 from virtshift.store import sqlite as sqlite_mod
 from virtshift.store.base import Event, Store
-from virtshift.store.sqlite import SqliteStore, prefix_upper_bound
+from virtshift.store.sqlite import SqliteStore
+from virtshift.store.sqliteparts import prefix_upper_bound
 
 DEADLINE = 20.0  # seconds; generous, only reached when something is broken
 

@@ -25,22 +25,31 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
-import json
 import logging
 import os
 import queue
 import sqlite3
 import threading
-from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, NamedTuple
-
-import orjson
+from typing import Any
 
 from virtshift.errors import Compacted, KeyExists, KeyNotFound, RevisionMismatch, StoreError
 from virtshift.store.base import Event, ListResult, Record, Value
+from virtshift.store.sqliteparts import (
+    _BatchResult,
+    _check_utf8,
+    _dumps,
+    _event,
+    _EventList,
+    _Op,
+    _OpList,
+    _range_sql,
+    _RawEvent,
+    _RawRecord,
+    _record,
+    _Watcher,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -70,185 +79,6 @@ _MAX_BATCH = 1000  # ops per group-commit transaction
 _HISTORY_PAGE = 1000  # events read per query while replaying a watch
 _VACUUM_MIN_FREE_PAGES = 256  # run incremental_vacuum after a compaction above this
 
-_EventType = Literal["PUT", "DELETE"]
-
-
-class _RawEvent(NamedTuple):
-    """An event as stored: values still JSON text, decoded per watcher (fresh dicts)."""
-
-    revision: int
-    type: _EventType
-    key: str
-    value: str
-    prev_value: str | None  # for DELETE: None in storage, the deleted value when decoded
-    create_revision: int
-
-
-class _RawRecord(NamedTuple):
-    key: str
-    value: str
-    revision: int
-    create_revision: int
-
-
-def _dumps(value: Value) -> str:
-    """Compact JSON of a dict; ValueError for NaN/Infinity or strings SQLite cannot store."""
-    if not isinstance(value, dict):
-        raise TypeError(f"store values must be dicts, not {type(value).__name__}")
-    text = json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-    _check_utf8(text, "value")
-    return text
-
-
-def _check_utf8(text: str, what: str) -> None:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise ValueError(f"{what} is not valid UTF-8 text: {exc}") from None
-
-
-def _loads(text: str | bytes) -> Value:
-    value: Value = orjson.loads(text)
-    return value
-
-
-def _record(raw: _RawRecord) -> Record:
-    return Record(
-        key=raw.key,
-        value=_loads(raw.value),
-        revision=raw.revision,
-        create_revision=raw.create_revision,
-    )
-
-
-def _event(raw: _RawEvent) -> Event:
-    if raw.type == "DELETE":
-        prev: Value | None = _loads(raw.value)
-    else:
-        prev = None if raw.prev_value is None else _loads(raw.prev_value)
-    return Event(
-        type=raw.type,
-        key=raw.key,
-        value=_loads(raw.value),
-        revision=raw.revision,
-        create_revision=raw.create_revision,
-        prev_value=prev,
-    )
-
-
-def prefix_upper_bound(prefix: str) -> str | None:
-    """The smallest string greater than every string that starts with ``prefix``.
-
-    SQLite compares TEXT byte-wise (UTF-8), which orders like code points, so incrementing the
-    last code point that can be incremented gives the exclusive upper bound of a prefix range.
-    ``None`` means no upper bound (empty prefix, or only U+10FFFF characters).
-    """
-    chars = list(prefix)
-    while chars:
-        code = ord(chars[-1]) + 1
-        if 0xD800 <= code <= 0xDFFF:  # surrogates cannot be encoded
-            code = 0xE000
-        if code <= 0x10FFFF:
-            chars[-1] = chr(code)
-            return "".join(chars)
-        chars.pop()
-    return None
-
-
-def _range_sql(prefix: str) -> tuple[str, list[Any]]:
-    """SQL condition (and its parameters) selecting keys that start with ``prefix``."""
-    upper = prefix_upper_bound(prefix)
-    if upper is None:
-        return "key >= ?", [prefix]
-    return "key >= ? AND key < ?", [prefix, upper]
-
-
-# --- writer ops ---------------------------------------------------------------------------------
-
-
-@dataclass
-class _Op:
-    kind: Literal["create", "update", "delete", "compact"]
-    future: asyncio.Future[Any]
-    key: str = ""
-    value: str = ""
-    expected_revision: int | None = None
-    keep: int = 0
-
-
-@dataclass
-class _BatchResult:
-    """What the writer thread hands back to the event loop after one transaction."""
-
-    outcomes: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = field(
-        default_factory=lambda: []
-    )
-    events: list[_RawEvent] = field(default_factory=lambda: [])
-    revision: int = 0
-    compacted: int = 0
-
-
-# --- watchers -----------------------------------------------------------------------------------
-
-
-class _Watcher:
-    """A live subscription: a bounded queue of raw events, filled on the event loop thread."""
-
-    def __init__(self, prefix: str, maxsize: int) -> None:
-        self.prefix = prefix
-        self.maxsize = maxsize
-        self.queue: deque[_RawEvent] = deque()
-        self.ended = False
-        self.overflowed = False
-        self._waiter: asyncio.Future[None] | None = None
-
-    def push(self, raw: _RawEvent) -> bool:
-        """Queue an event; False when the watcher is (now) ended."""
-        if self.ended:
-            return False
-        if len(self.queue) >= self.maxsize:
-            self.overflowed = True
-            self.end()
-            return False
-        self.queue.append(raw)
-        self._wake()
-        return True
-
-    def end(self) -> None:
-        self.ended = True
-        self.queue.clear()
-        self._wake()
-
-    def trim(self, upto: int) -> None:
-        """Drop queued events already delivered (revision <= ``upto``)."""
-        while self.queue and self.queue[0].revision <= upto:
-            self.queue.popleft()
-
-    async def get(self) -> _RawEvent | None:
-        """The next live event, or None once the watcher is ended."""
-        while not self.queue:
-            if self.ended:
-                return None
-            self._waiter = asyncio.get_running_loop().create_future()
-            try:
-                await self._waiter
-            finally:
-                self._waiter = None
-        if self.ended:
-            return None
-        return self.queue.popleft()
-
-    def _wake(self) -> None:
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_result(None)
-
-
-# Aliases for use inside SqliteStore, whose ``list`` method shadows the builtin in class scope.
-_EventList = list[_RawEvent]
-_OpList = list[_Op]
-
-
-# --- the store ----------------------------------------------------------------------------------
 
 
 class SqliteStore:
