@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from virtshift.aio import stop_tasks
+from virtshift.apiserver.pki import ensure_node_cert
 from virtshift.apiserver.server import start_api_server
 
 log = logging.getLogger(__name__)
@@ -28,10 +29,12 @@ async def up(data_dir: Path, listen: str, *, nodes: int, accel: str,
     for i in range(1, nodes + 1):
         node = f"node{i:02d}"
         node_dir = data_dir / "nodes" / node
+        cert, key = ensure_node_cert(api.pki, node, ["127.0.0.1"])
         children.append(ChildProcess(
             f"agent {node}",
             [*base, "agent", "--node-name", node, "--data-dir", str(node_dir), "--accel",
-             accel, "--proxy-token-file", str(api.agent_token_file)],
+             accel, "--proxy-token-file", str(api.agent_token_file), "--tls-cert", str(cert),
+             "--tls-key", str(key)],
             node_dir / "agent.pid"))
     tasks = [asyncio.create_task(c.run(), name=c.name) for c in children]
     print(f"virtshift is up: API {api.url}", flush=True)

@@ -440,3 +440,22 @@ def test_agent_cleans_up_qemu_whose_vmi_is_gone(cluster: Cluster, ns: str) -> No
     wait_for(lambda: cluster.agent_pid() != agent, "the platform to restart the agent", 30)
     wait_for(lambda: not Path(f"/proc/{pid}").exists(), "the orphaned QEMU to be killed", 60)
     wait_for(lambda: not cluster.run_dir(uid_of(vmi)).exists(), "its run directory removed", 30)
+
+
+def test_agent_endpoint_is_tls_with_the_proxy_token(cluster: Cluster) -> None:
+    node = cluster.request("GET", "/api/v1/nodes/node01").json()
+    port = node["status"]["daemonEndpoints"]["kubeletEndpoint"]["Port"]
+    ca = str(cluster.data_dir / "ca-for-tests.pem")
+    url = f"https://127.0.0.1:{port}/v1/namespaces/default/virtualmachineinstances/x/pause"
+    # the agent's certificate is issued by the cluster CA
+    assert requests.get(f"https://127.0.0.1:{port}/healthz", verify=ca, timeout=10).ok
+    # a user's token is not the proxy token: users reach agents only through the API server
+    user = requests.put(url, verify=ca, timeout=10,
+                        headers={"Authorization": f"Bearer {cluster.platform.config().token}"})
+    assert user.status_code == 401
+    token = (cluster.data_dir / "agent-proxy-token").read_text().strip()
+    proxied = requests.put(url, verify=ca, timeout=10,
+                           headers={"Authorization": f"Bearer {token}"})
+    assert proxied.status_code == 404  # authenticated; no such VMI on the node
+    with pytest.raises(requests.ConnectionError):
+        requests.get(f"http://127.0.0.1:{port}/healthz", timeout=10)

@@ -9,6 +9,7 @@ import logging
 import os
 import shutil
 import signal
+import ssl
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +45,8 @@ class AgentConfig:
     accel: str = "auto"
     proxy_token_file: Path | None = None
     hostdisk_dirs: tuple[Path, ...] = ()
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
 
 
 def detect_accel(requested: str) -> str:
@@ -139,7 +142,11 @@ class NodeAgent:
         self.config.data_dir.mkdir(parents=True, exist_ok=True)
         runner = web.AppRunner(self.http, access_log=None, handle_signals=False)
         await runner.setup()
-        site = web.TCPSite(runner, self.config.address, 0)
+        tls = None
+        if self.config.tls_cert is not None and self.config.tls_key is not None:
+            tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            tls.load_cert_chain(self.config.tls_cert, self.config.tls_key)
+        site = web.TCPSite(runner, self.config.address, 0, ssl_context=tls)
         await site.start()
         sockets = getattr(site._server, "sockets", None) or []
         self.port = int(sockets[0].getsockname()[1]) if sockets else 0

@@ -115,16 +115,25 @@ def ensure_pki(directory: Path, hosts: list[str]) -> Pki:
     if crt_path.exists() and key_path.exists() and set(wanted) <= set(have):
         return Pki(ca_cert_path, crt_path, key_path)
 
+    _issue_serving_cert(ca_cert, ca_key, "virtshift-apiserver", wanted, crt_path, key_path)
+    _write_private(hosts_path, json.dumps(wanted).encode())
+    return Pki(ca_cert_path, crt_path, key_path)
+
+
+def _issue_serving_cert(ca_cert: x509.Certificate, ca_key: ec.EllipticCurvePrivateKey,
+                        common_name: str, hosts: list[str], crt_path: Path,
+                        key_path: Path) -> None:
+    now = datetime.datetime.now(datetime.UTC)
     key = ec.generate_private_key(ec.SECP256R1())
     cert = (
         x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "virtshift-apiserver")]))
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
         .issuer_name(ca_cert.subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(minutes=5))
         .not_valid_after(now + datetime.timedelta(days=SERVING_DAYS))
-        .add_extension(x509.SubjectAlternativeName(_san_entries(wanted)), critical=False)
+        .add_extension(x509.SubjectAlternativeName(_san_entries(hosts)), critical=False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
@@ -135,8 +144,27 @@ def ensure_pki(directory: Path, hosts: list[str]) -> Pki:
     )
     _write_private(key_path, _key_pem(key))
     _write_private(crt_path, cert.public_bytes(serialization.Encoding.PEM))
+
+
+def ensure_node_cert(pki: Pki, node: str, hosts: list[str]) -> tuple[Path, Path]:
+    """A serving certificate for node agent ``node`` (its endpoint on ``hosts``), signed by
+    the cluster CA: the API server verifies the agent it proxies consoles to. Reused while it
+    covers ``hosts``."""
+    directory = pki.ca_cert.parent / "nodes"
+    directory.mkdir(parents=True, exist_ok=True)
+    crt_path, key_path = directory / f"{node}.crt", directory / f"{node}.key"
+    hosts_path = directory / f"{node}.hosts.json"
+    wanted = sorted({node, *hosts})
+    if crt_path.exists() and key_path.exists() and hosts_path.exists() and \
+            set(wanted) <= set(json.loads(hosts_path.read_text())):
+        return crt_path, key_path
+    ca_cert = x509.load_pem_x509_certificate(pki.ca_cert.read_bytes())
+    loaded = serialization.load_pem_private_key(
+        (pki.ca_cert.parent / "ca.key").read_bytes(), None)
+    assert isinstance(loaded, ec.EllipticCurvePrivateKey)
+    _issue_serving_cert(ca_cert, loaded, f"virtshift-node-{node}", wanted, crt_path, key_path)
     _write_private(hosts_path, json.dumps(wanted).encode())
-    return Pki(ca_cert_path, crt_path, key_path)
+    return crt_path, key_path
 
 
 def new_token() -> str:

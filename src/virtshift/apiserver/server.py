@@ -77,6 +77,7 @@ class RunningApiServer:
     server: ApiServer
     url: str
     kubeconfig: Path
+    pki: Pki
 
     @property
     def components_kubeconfig(self) -> Path:
@@ -163,7 +164,8 @@ async def start_api_server(
     await store.start()
     server = ApiServer(store, registry, schemas or default_schemas(), auth)
     register_image_store(server, data_dir)
-    server.vmi_proxy = VMIProxy(server.resources, registry, agent_proxy_token(data_dir))
+    server.vmi_proxy = VMIProxy(server.resources, registry, agent_proxy_token(data_dir),
+                                ssl.create_default_context(cafile=str(pki.ca_cert)))
     await bootstrap(server)
     ssl_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ssl_ctx.load_cert_chain(pki.serving_cert, pki.serving_key)
@@ -191,4 +193,4 @@ async def start_api_server(
                      kubeconfig.render(url, pki.ca_pem(), component_token))
     kubeconfig.write(cfg_path, kubeconfig.render(url, pki.ca_pem(), token))
     log.info("API server listening on %s; kubeconfig at %s", url, cfg_path)
-    return RunningApiServer(runner, store, server, url, cfg_path)
+    return RunningApiServer(runner, store, server, url, cfg_path, pki)

@@ -4,12 +4,14 @@
 
 The API server has authenticated the caller; it finds the VMI and its node, then calls the
 agent's endpoint (``Node.status.addresses`` InternalIP and ``daemonEndpoints.kubeletEndpoint``)
-with the control plane's proxy token, and splices the websocket through.
+over HTTPS (the agent's certificate is issued by the cluster CA, and checked) with the control
+plane's proxy token, and splices the websocket through.
 """
 
 from __future__ import annotations
 
 import json
+import ssl
 from typing import Any
 
 import aiohttp
@@ -39,17 +41,21 @@ def is_vmi_subresource(name: str) -> bool:
 
 
 class VMIProxy:
-    def __init__(self, resources: Resources, registry: Registry, token: str) -> None:
+    def __init__(self, resources: Resources, registry: Registry, token: str,
+                 agent_tls: ssl.SSLContext) -> None:
         self.resources = resources
         self.registry = registry
         self.token = token
+        self.agent_tls = agent_tls
+        """Verifies node agents' certificates (issued by the cluster CA)."""
         self._session: aiohttp.ClientSession | None = None
 
     @property
     def session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
             self._session = aiohttp.ClientSession(
-                timeout=aiohttp.ClientTimeout(total=None, connect=10))
+                timeout=aiohttp.ClientTimeout(total=None, connect=10),
+                connector=aiohttp.TCPConnector(ssl=self.agent_tls))
         return self._session
 
     async def close(self) -> None:
@@ -83,7 +89,7 @@ class VMIProxy:
         if not address or not port:
             raise ServiceUnavailable(f"node {node_name} publishes no agent endpoint")
         host = f"[{address}]" if ":" in str(address) else str(address)
-        return vmi, f"http://{host}:{port}/v1/namespaces/{ns}/virtualmachineinstances/{name}"
+        return vmi, f"https://{host}:{port}/v1/namespaces/{ns}/virtualmachineinstances/{name}"
 
     async def handle(self, request: web.Request, user: UserInfo, ns: str, name: str,
                      sub: str, rest: list[str]) -> web.StreamResponse:

@@ -65,6 +65,7 @@ def _agent(args: argparse.Namespace) -> int:
                          data_dir=args.data_dir, address=args.address,
                          accel=args.accel or default_accel(),
                          proxy_token_file=args.proxy_token_file,
+                         tls_cert=args.tls_cert, tls_key=args.tls_key,
                          hostdisk_dirs=tuple(args.hostdisk_dir))
     uvloop.run(NodeAgent(config).run())
     return 0
@@ -102,6 +103,9 @@ def parser() -> argparse.ArgumentParser:
     agent.add_argument("--accel", choices=("auto", "kvm", "tcg"), default=None)
     agent.add_argument("--proxy-token-file", type=Path, default=None,
                        help="the API server's proxy token (authenticates console/vnc calls)")
+    agent.add_argument("--tls-cert", type=Path, required=True,
+                       help="the agent endpoint's certificate (issued by the cluster CA)")
+    agent.add_argument("--tls-key", type=Path, required=True, help="its private key")
     agent.add_argument("--hostdisk-dir", type=Path, action="append", default=[],
                        help="a directory hostDisk volumes may use (repeatable)")
     agent.add_argument("-v", "--verbose", action="store_true")
