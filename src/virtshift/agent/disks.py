@@ -215,8 +215,7 @@ class DiskPreparer:
 
     async def _secrets(self, ns: str, src: Obj) -> dict[str, dict[str, bytes]]:
         out: dict[str, dict[str, bytes]] = {}
-        secret_kind = REGISTRY.by_kind("", "v1", "Secret")
-        assert secret_kind is not None
+        secret_kind = REGISTRY.require("", "v1", "Secret")
         for key in ("secretRef", "networkDataSecretRef"):
             ref = _dict(src.get(key))
             sname = ref.get("name")

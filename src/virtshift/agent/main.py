@@ -82,7 +82,7 @@ class NodeAgent:
         self.config = config
         self.client = Client(kubeconfig.load(config.kubeconfig),
                              user_agent=f"virtshift-agent/{config.node_name}")
-        self.node_kind: KindInfo = _kind("", "v1", "Node")
+        self.node_kind: KindInfo = REGISTRY.require("", "v1", "Node")
         self.accel = detect_accel(config.accel)
         self.ready_since: str | None = None
         self.port = 0
@@ -172,8 +172,3 @@ class NodeAgent:
             await self.client.close()
             await runner.cleanup()
 
-
-def _kind(group: str, version: str, kind: str) -> KindInfo:
-    k = REGISTRY.by_kind(group, version, kind)
-    assert k is not None
-    return k

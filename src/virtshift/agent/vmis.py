@@ -158,7 +158,7 @@ class VMISync:
         self.accel = accel
         self.preparer = preparer
         self.vms_dir = data_dir / "vms"
-        self.vmi_kind: KindInfo = _kind("kubevirt.io", "v1", "VirtualMachineInstance")
+        self.vmi_kind: KindInfo = REGISTRY.require("kubevirt.io", "v1", "VirtualMachineInstance")
         self.vmis: dict[Key, Obj] = {}
         self.domains: dict[Key, Domain] = {}
         self._workers: dict[Key, asyncio.Task[None]] = {}
@@ -563,8 +563,3 @@ class VMISync:
             dom.run.path.unlink(missing_ok=True)
         await asyncio.to_thread(shutil.rmtree, target, True)
 
-
-def _kind(group: str, version: str, kind: str) -> KindInfo:
-    k = REGISTRY.by_kind(group, version, kind)
-    assert k is not None
-    return k

@@ -385,6 +385,13 @@ class Registry:
     def by_kind(self, group: str, version: str, kind: str) -> KindInfo | None:
         return self._by_kind.get((group, version, kind))
 
+    def require(self, group: str, version: str, kind: str) -> KindInfo:
+        """A kind the code relies on being registered (a KeyError names it if not)."""
+        found = self._by_kind.get((group, version, kind))
+        if found is None:
+            raise KeyError(f"kind {group}/{version} {kind} is not registered")
+        return found
+
     def by_api_version(self, api_version: str, kind: str) -> KindInfo | None:
         group, _, version = api_version.rpartition("/")
         return self.by_kind(group, version, kind)

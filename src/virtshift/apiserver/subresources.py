@@ -232,11 +232,8 @@ class _Request:
     def __init__(self, resources: Resources, registry: Registry, namespace: str, name: str,
                  user: UserInfo, dry_run: bool) -> None:
         self.resources = resources
-        vm_kind = registry.by_kind("kubevirt.io", "v1", "VirtualMachine")
-        vmi_kind = registry.by_kind("kubevirt.io", "v1", "VirtualMachineInstance")
-        assert vm_kind is not None and vmi_kind is not None
-        self.vm_kind: KindInfo = vm_kind
-        self.vmi_kind: KindInfo = vmi_kind
+        self.vm_kind: KindInfo = registry.require("kubevirt.io", "v1", "VirtualMachine")
+        self.vmi_kind: KindInfo = registry.require("kubevirt.io", "v1", "VirtualMachineInstance")
         self.ns, self.name = namespace, name
         self.ctx = _context(user, dry_run)
 

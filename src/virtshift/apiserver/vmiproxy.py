@@ -63,9 +63,8 @@ class VMIProxy:
             await self._session.close()
 
     async def _target(self, ns: str, name: str) -> tuple[Obj, str]:
-        vmi_kind = self.registry.by_kind("kubevirt.io", "v1", "VirtualMachineInstance")
-        node_kind = self.registry.by_kind("", "v1", "Node")
-        assert vmi_kind is not None and node_kind is not None
+        vmi_kind = self.registry.require("kubevirt.io", "v1", "VirtualMachineInstance")
+        node_kind = self.registry.require("", "v1", "Node")
         try:
             vmi = await self.resources.get(vmi_kind, ns, name)
         except NotFound:

@@ -243,11 +243,7 @@ class VMIController:
     def __init__(self, client: Client, registry: Registry) -> None:
         self.client = client
 
-        def kind(group: str, version: str, name: str) -> KindInfo:
-            k = registry.by_kind(group, version, name)
-            assert k is not None, name
-            return k
-
+        kind = registry.require
         self.vmi_kind = kind("kubevirt.io", "v1", "VirtualMachineInstance")
         self.vm_kind = kind("kubevirt.io", "v1", "VirtualMachine")
         self.node_kind = kind("", "v1", "Node")
@@ -364,11 +360,7 @@ class VMController:
         self.client = client
         self.randint = randint
 
-        def kind(group: str, version: str, name: str) -> KindInfo:
-            k = registry.by_kind(group, version, name)
-            assert k is not None, name
-            return k
-
+        kind = registry.require
         self.vm_kind = kind("kubevirt.io", "v1", "VirtualMachine")
         self.vmi_kind = kind("kubevirt.io", "v1", "VirtualMachineInstance")
         self.dv_kind = kind("cdi.kubevirt.io", "v1beta1", "DataVolume")
