@@ -109,15 +109,23 @@ class AgentEndpoints:
     async def _healthz(self, _request: web.Request) -> web.Response:
         return web.Response(text="ok")
 
-    async def _splice_unix(self, request: web.Request, path: str) -> web.StreamResponse:
+    @staticmethod
+    async def _splice(request: web.Request,
+                      connect: Awaitable[tuple[asyncio.StreamReader, asyncio.StreamWriter]],
+                      what: str) -> web.StreamResponse:
+        """Connect to ``what`` first (so a failure is a plain HTTP error), then upgrade to the
+        websocket and splice the two."""
         try:
-            reader, writer = await asyncio.open_unix_connection(path)
+            reader, writer = await connect
         except OSError as e:
-            raise Conflict(f"cannot connect to {path}: {e}") from e
+            raise Conflict(f"cannot connect to {what}: {e}") from e
         ws = web.WebSocketResponse(protocols=("plain.kubevirt.io",), max_msg_size=0)
         await ws.prepare(request)
         await splice_ws(ws, reader, writer)
         return ws
+
+    async def _splice_unix(self, request: web.Request, path: str) -> web.StreamResponse:
+        return await self._splice(request, asyncio.open_unix_connection(path), path)
 
     async def console(self, request: web.Request, dom: Domain) -> web.StreamResponse:
         return await self._splice_unix(request, str(dom.run.serial_socket))
@@ -134,14 +142,8 @@ class AgentEndpoints:
         if protocol != "tcp" or not 0 < port < 65536:
             raise BadRequest(f"cannot forward {protocol} port {port}: only TCP ports 1-65535")
         host_port = await self.sync.forward(dom, port)
-        try:
-            reader, writer = await asyncio.open_connection(self.sync.address, host_port)
-        except OSError as e:
-            raise Conflict(f"cannot connect to guest port {port}: {e}") from e
-        ws = web.WebSocketResponse(protocols=("plain.kubevirt.io",), max_msg_size=0)
-        await ws.prepare(request)
-        await splice_ws(ws, reader, writer)
-        return ws
+        return await self._splice(
+            request, asyncio.open_connection(self.sync.address, host_port), f"guest port {port}")
 
     @staticmethod
     async def _paused(dom: Domain) -> bool:

@@ -15,7 +15,7 @@ from typing import Any
 from virtshift.api.kinds import Obj
 from virtshift.launcher.context import Conversion
 from virtshift.launcher.guestagent import GuestInterface
-from virtshift.launcher.supervisor import ExitInfo, ExitKind
+from virtshift.launcher.supervisor import ExitInfo
 
 NODE_AGENT_FINALIZER = "virtshift.io/node-agent"
 """Held by the node agent while a VMI's QEMU may run; removed once it has stopped."""
@@ -223,10 +223,6 @@ def final_status(vmi: Mapping[str, Any], exit_info: ExitInfo | None,
     for key in ("interfaces", "guestOSInfo"):
         status.pop(key, None)
     return status
-
-
-def crashed(exit_info: ExitInfo) -> bool:
-    return exit_info.kind in (ExitKind.CRASHED, ExitKind.GUEST_PANICKED)
 
 
 def sync_failure_status(vmi: Mapping[str, Any], reason: str, message: str,

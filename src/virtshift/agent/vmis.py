@@ -163,7 +163,8 @@ class VMISync:
         self.domains: dict[Key, Domain] = {}
         self._workers: dict[Key, asyncio.Task[None]] = {}
         self._dirty: set[Key] = set()
-        self._retry: dict[Key, float] = {}
+        self._retry: dict[Key, float] = {}  # API/connection errors of a reconcile
+        self._prepare_backoff: dict[Key, float] = {}  # disks that could not be prepared
         self._timers: dict[Key, asyncio.TimerHandle] = {}
         self._synced = asyncio.Event()
 
@@ -272,6 +273,7 @@ class VMISync:
             await self._discard(dom)
             dom = None
         if vmi is None:
+            self._prepare_backoff.pop(key, None)
             return
         meta = _dict(vmi.get("metadata"))
         status = _dict(vmi.get("status"))
@@ -341,19 +343,21 @@ class VMISync:
         try:
             prepared = await self.preparer.prepare(vmi, run.path / "disks")
         except DiskError as e:
-            delay = min(self._retry.get(key, 2.5) * 2, RETRY_MAX)
-            self._retry[key] = delay
+            delay = min(self._prepare_backoff.get(key, 2.5) * 2, RETRY_MAX)
+            self._prepare_backoff[key] = delay
             log.warning("VMI %s/%s: %s (%s); retrying in %.0fs", *key, e, e.reason, delay)
             await self._patch_status(vmi, sync_failure_status(vmi, e.reason, str(e), _now()))
             self.kick_after(key, delay)
             return
+        self._prepare_backoff.pop(key, None)
         forwards = self._forwards(vmi)
+        pods = self._pod_interfaces(vmi)
         ctx = LaunchContext(
             run_dir=run.path, accel="kvm" if self.accel == "kvm" else "tcg",
             disks=prepared.disks, kernel_boot=prepared.kernel_boot, efi=prepared.efi,
             networks={name: UserNetwork(tuple(PortForward(self.address, host, guest)
                                               for guest, host in forwards.items()))
-                      for name in self._pod_interfaces(vmi)})
+                      for _, name in pods})
         try:
             conv = convert(vmi, ctx)
         except LauncherError as e:
@@ -364,7 +368,7 @@ class VMISync:
                                      failed_reason="FailedCreate")
             return
         dom = Domain(key, uid, run, conv, ctx.accel, forwards=forwards,
-                     netdev=self._netdev(vmi))
+                     netdev=f"net{pods[0][0]}" if pods else "net0")
         dom.observed = Observed(paused=conv.start_paused, paused_reason="PausedStartStrategy",
                                 software_emulation=ctx.accel == "tcg")
         sup = Supervisor(run.path)
@@ -386,24 +390,15 @@ class VMISync:
                                                      node=self.node))
 
     @staticmethod
-    def _pod_interfaces(vmi: Obj) -> list[str]:
+    def _pod_interfaces(vmi: Obj) -> list[tuple[int, str]]:
+        """(index, name) of the interfaces on the pod network; the converter names the
+        QEMU netdev of interface ``i`` ``net{i}``."""
         spec = _dict(vmi.get("spec"))
         pods = {str(_dict(n).get("name")) for n in spec.get("networks") or []
                 if "pod" in _dict(n)}
-        return [str(_dict(i).get("name")) for i in
-                _dict(_dict(spec.get("domain")).get("devices")).get("interfaces") or []
-                if str(_dict(i).get("name")) in pods]
-
-    @staticmethod
-    def _netdev(vmi: Obj) -> str:
-        spec = _dict(vmi.get("spec"))
-        pods = {str(_dict(n).get("name")) for n in spec.get("networks") or []
-                if "pod" in _dict(n)}
-        for i, iface in enumerate(_dict(_dict(spec.get("domain")).get("devices"))
-                                  .get("interfaces") or []):
-            if str(_dict(iface).get("name")) in pods:
-                return f"net{i}"
-        return "net0"
+        ifaces = _dict(_dict(spec.get("domain")).get("devices")).get("interfaces") or []
+        return [(i, str(_dict(iface).get("name"))) for i, iface in enumerate(ifaces)
+                if str(_dict(iface).get("name")) in pods]
 
     def _forwards(self, vmi: Obj) -> dict[int, int]:
         """Host ports (on the node address) for the TCP ports the pod interfaces declare."""

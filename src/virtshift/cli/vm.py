@@ -341,36 +341,26 @@ def _grace_period(args: argparse.Namespace, verb: str) -> int | None:
     return grace
 
 
-def _cmd_start(args: argparse.Namespace) -> int:
-    body: Obj = {"paused": True} if args.paused else {}
-
+def _vm_verb(args: argparse.Namespace, verb: str, body: Obj) -> int:
     async def action(client: Client, ns: str) -> int:
-        await vm_action(client, ns, args.name, "start", _dry_run(args, body))
+        await vm_action(client, ns, args.name, verb, _dry_run(args, body))
         return 0
 
     return _run(args, action)
+
+
+def _cmd_start(args: argparse.Namespace) -> int:
+    return _vm_verb(args, "start", {"paused": True} if args.paused else {})
 
 
 def _cmd_stop(args: argparse.Namespace) -> int:
     grace = _grace_period(args, "stop")
-    body: Obj = {} if grace is None else {"gracePeriod": grace}
-
-    async def action(client: Client, ns: str) -> int:
-        await vm_action(client, ns, args.name, "stop", _dry_run(args, body))
-        return 0
-
-    return _run(args, action)
+    return _vm_verb(args, "stop", {} if grace is None else {"gracePeriod": grace})
 
 
 def _cmd_restart(args: argparse.Namespace) -> int:
     grace = _grace_period(args, "restart")
-    body: Obj = {} if grace is None else {"gracePeriodSeconds": grace}
-
-    async def action(client: Client, ns: str) -> int:
-        await vm_action(client, ns, args.name, "restart", _dry_run(args, body))
-        return 0
-
-    return _run(args, action)
+    return _vm_verb(args, "restart", {} if grace is None else {"gracePeriodSeconds": grace})
 
 
 def _vmi_action(verb: str, subresource: str) -> Callable[[argparse.Namespace], int]:
