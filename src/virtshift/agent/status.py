@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from virtshift.agent.migration import mirrored_disks
 from virtshift.api.kinds import Obj
 from virtshift.launcher.context import Conversion
 from virtshift.launcher.guestagent import GuestInterface
@@ -89,10 +90,10 @@ def live_migratable(vmi: Mapping[str, Any], now: str,
     spec = _dict(vmi.get("spec"))
     for vol in _list(spec.get("volumes")):
         vol = _dict(vol)
-        if "hostDisk" in vol:
+        if "hostDisk" in vol and _dict(vol["hostDisk"]).get("shared") is not True:
             return condition("LiveMigratable", "False", now, reason="DisksNotLiveMigratable",
                              message=f"cannot migrate VMI: hostDisk {vol.get('name')} is local "
-                                     "to the node", old=old)
+                                     "to the node (not shared)", old=old)
         for src in ("persistentVolumeClaim", "dataVolume"):
             if src in vol:
                 return condition(
@@ -186,6 +187,8 @@ def running_status(vmi: Mapping[str, Any], conv: Conversion, observed: Observed,
     else:
         status.pop("guestOSInfo", None)
     status["machine"] = {"type": conv.machine}
+    status["migrationMethod"] = ("BlockMigration" if mirrored_disks(vmi, conv)
+                                 else "LiveMigration")
     status["currentCPUTopology"] = {"sockets": conv.sockets, "cores": conv.cores,
                                     "threads": conv.threads}
     mem = f"{conv.memory_bytes // (1024 * 1024)}Mi"

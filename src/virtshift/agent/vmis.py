@@ -36,16 +36,29 @@ from typing import Any
 import aiohttp
 
 from virtshift.agent.disks import DiskError, DiskPreparer
+from virtshift.agent.migration import (
+    MigrationSource,
+    MigrationTarget,
+    mirrored_disks,
+)
 from virtshift.agent.status import (
     FINAL_PHASES,
     NODE_AGENT_FINALIZER,
     Observed,
     final_status,
+    rfc3339,
     running_status,
     sync_failure_status,
 )
 from virtshift.aio import stop_tasks
 from virtshift.api.kinds import REGISTRY, KindInfo, Obj
+from virtshift.api.migration import (
+    MIGRATION_TARGET_LABEL,
+    PORT_MIGRATION,
+    PORT_NBD,
+    MigrationConfig,
+    migration_state,
+)
 from virtshift.client.informer import Reflector
 from virtshift.client.rest import Client
 from virtshift.errors import ApiError, Conflict, NotFound
@@ -59,6 +72,7 @@ from virtshift.launcher.context import (
     UserNetwork,
 )
 from virtshift.launcher.converter import convert
+from virtshift.launcher.migration import OutgoingMigration
 from virtshift.launcher.qmp import QmpError
 from virtshift.launcher.supervisor import ExitInfo, ExitKind, Supervisor
 
@@ -125,12 +139,24 @@ class Domain:
     netdev: str = "net0"
     stopping: asyncio.Task[ExitInfo] | None = None
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    role: str = "owner"
+    """``owner``: this node runs the VMI; ``target``: an incoming migration waits here."""
+    migration_uid: str = ""
+    """The migration this target domain belongs to."""
+    exports: tuple[str, ...] = ()
+    incoming_done: bool = False
+    outgoing: OutgoingMigration | None = None
+    migrating: asyncio.Task[None] | None = None
+    migrated_uid: str = ""
+    tried: set[str] = field(default_factory=set)
+    """The migration that moved this VMI away (the QEMU here is paused for good)."""
 
     def save(self) -> None:
         data = {"namespace": self.key[0], "name": self.key[1], "uid": self.uid,
                 "accel": self.accel, "conversion": asdict(self.conversion),
                 "forwards": {str(k): v for k, v in self.forwards.items()},
-                "netdev": self.netdev}
+                "netdev": self.netdev, "role": self.role, "migrationUid": self.migration_uid,
+                "exports": list(self.exports)}
         tmp = self.run.path / (DOMAIN_FILE + ".tmp")
         tmp.write_text(json.dumps(data))
         tmp.replace(self.run.path / DOMAIN_FILE)
@@ -143,7 +169,9 @@ class Domain:
                        run=RunDir.of(run_dir), accel=data.get("accel", "tcg"),
                        conversion=conversion_from_json(data["conversion"]),
                        forwards={int(k): int(v) for k, v in data.get("forwards", {}).items()},
-                       netdev=data.get("netdev", "net0"))
+                       netdev=data.get("netdev", "net0"), role=data.get("role", "owner"),
+                       migration_uid=data.get("migrationUid", ""),
+                       exports=tuple(data.get("exports", ())))
         except (OSError, ValueError, KeyError, TypeError) as e:
             log.warning("ignoring run directory %s: %s", run_dir, e)
             return None
@@ -160,6 +188,8 @@ class VMISync:
         self.vms_dir = data_dir / "vms"
         self.vmi_kind: KindInfo = REGISTRY.require("kubevirt.io", "v1", "VirtualMachineInstance")
         self.vmis: dict[Key, Obj] = {}
+        self.targets: dict[Key, Obj] = {}  # VMIs migrating to this node
+        self.source = MigrationSource(client, self.vmi_kind)
         self.domains: dict[Key, Domain] = {}
         self._workers: dict[Key, asyncio.Task[None]] = {}
         self._dirty: set[Key] = set()
@@ -167,27 +197,36 @@ class VMISync:
         self._prepare_backoff: dict[Key, float] = {}  # disks that could not be prepared
         self._timers: dict[Key, asyncio.TimerHandle] = {}
         self._synced = asyncio.Event()
+        self._owned_synced = asyncio.Event()
+        self._targets_synced = asyncio.Event()
 
     # ---- process ------------------------------------------------------------------------------
 
     async def run(self) -> None:
         await self.recover()
-        reflector = Reflector(self.client, self.vmi_kind, self._on_event,
-                              lambda _k: self._synced.set(),
-                              label_selector=f"{NODE_NAME_LABEL}={self.node}")
-        task = asyncio.create_task(reflector.run(), name="agent-vmi-reflector")
+        owned = Reflector(self.client, self.vmi_kind, self._on_event,
+                          lambda _k: self._owned_synced.set(),
+                          label_selector=f"{NODE_NAME_LABEL}={self.node}")
+        incoming = Reflector(self.client, self.vmi_kind, self._on_target_event,
+                             lambda _k: self._targets_synced.set(),
+                             label_selector=f"{MIGRATION_TARGET_LABEL}={self.node}")
+        tasks = [asyncio.create_task(owned.run(), name="agent-vmi-reflector"),
+                 asyncio.create_task(incoming.run(), name="agent-vmi-target-reflector")]
         try:
-            await self._synced.wait()
+            await self._owned_synced.wait()
+            await self._targets_synced.wait()
+            self._synced.set()
             # every listed VMI, and the QEMUs found on disk (orphans, VMIs that ended while
             # the agent was away)
-            for key in {*self.vmis, *self.domains}:
+            for key in {*self.vmis, *self.targets, *self.domains}:
                 self.kick(key)
-            await task
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            for t in done:
+                t.result()
         finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await stop_tasks(tasks)
             await self.close()
+
 
     async def close(self) -> None:
         """Stop supervising (QEMUs keep running, as when the agent restarts)."""
@@ -210,6 +249,38 @@ class VMISync:
         else:
             self.vmis[key] = obj
         self.kick(key)
+
+    def _on_target_event(self, event: str, _kind: KindInfo, obj: Obj) -> None:
+        key = key_of(obj)
+        if event == "DELETED":
+            self.targets.pop(key, None)
+        else:
+            self.targets[key] = obj
+        self.kick(key)
+
+    def _current(self, key: Key) -> Obj | None:
+        """The newest copy of the VMI among both watches."""
+        copies = [o for o in (self.vmis.get(key), self.targets.get(key)) if o is not None]
+        if not copies:
+            return None
+        return max(copies, key=lambda o: int(_dict(o.get("metadata")).get(
+            "resourceVersion") or 0))
+
+    async def _refetch(self, key: Key) -> Obj | None:
+        """A VMI that left both watches while this node holds its QEMU: during a migration's
+        hand-over the labels change one at a time, so ask the API server before acting."""
+        try:
+            vmi = await self.client.get(self.vmi_kind, *key)
+        except NotFound:
+            return None
+        labels = _dict(_dict(vmi.get("metadata")).get("labels"))
+        if labels.get(NODE_NAME_LABEL) == self.node:
+            self.vmis[key] = vmi
+        elif labels.get(MIGRATION_TARGET_LABEL) == self.node:
+            self.targets[key] = vmi
+        else:
+            return None
+        return vmi
 
     def kick(self, key: Key) -> None:
         self._dirty.add(key)
@@ -265,11 +336,14 @@ class VMISync:
     async def reconcile(self, key: Key) -> None:
         if not self._synced.is_set():
             return  # every key is kicked again once the first list is in
-        vmi = self.vmis.get(key)
+        vmi = self._current(key)
         dom = self.domains.get(key)
+        if vmi is None and dom is not None:
+            vmi = await self._refetch(key)
         uid = str(_dict(vmi.get("metadata")).get("uid")) if vmi else ""
         if dom is not None and (vmi is None or dom.uid != uid):
-            log.info("VMI %s/%s (uid %s) is gone: stopping its QEMU", *key, dom.uid)
+            log.info("VMI %s/%s (uid %s) is gone from this node: stopping its QEMU", *key,
+                     dom.uid)
             await self._discard(dom)
             dom = None
         if vmi is None:
@@ -278,6 +352,13 @@ class VMISync:
         meta = _dict(vmi.get("metadata"))
         status = _dict(vmi.get("status"))
         phase = str(status.get("phase") or "")
+        if dom is not None and dom.role == "target":
+            if not await self._reconcile_target(vmi, dom):
+                return
+        elif dom is None and key not in self.vmis:
+            if self._incoming_wanted(vmi):
+                await self._start_target(vmi)
+            return
         deleting = bool(meta.get("deletionTimestamp"))
         mine = NODE_AGENT_FINALIZER in (meta.get("finalizers") or [])
         if phase in FINAL_PHASES:
@@ -297,6 +378,8 @@ class VMISync:
             await self._report_final(vmi, dom.exit)
             await self._discard(dom)
             return
+        if dom.migrated_uid or status.get("nodeName") != self.node:
+            return  # moved away (or being handed over): the target node reports it now
         if deleting:
             if dom.stopping is None and dom.sup is not None:
                 # virt-handler's rule: the VMI's own grace period (the stop subresource writes
@@ -307,8 +390,92 @@ class VMISync:
                 log.info("VMI %s/%s is being deleted: shutting down (grace %ds)", *key, grace)
                 dom.stopping = asyncio.create_task(dom.sup.shutdown(grace))
             return
+        self._drive_outgoing(vmi, dom)
+        if dom.migrating is not None:
+            return  # QEMU's state flickers during a migration; report it afterwards
         new = running_status(vmi, dom.conversion, dom.observed, _now(), node=self.node)
         await self._patch_status(vmi, new)
+
+    # ---- migration ----------------------------------------------------------------------------
+
+    def _incoming_wanted(self, vmi: Obj) -> bool:
+        state = migration_state(vmi)
+        labels = _dict(_dict(vmi.get("metadata")).get("labels"))
+        return (labels.get(MIGRATION_TARGET_LABEL) == self.node
+                and state.get("targetNode") == self.node and bool(state.get("migrationUid"))
+                and not state.get("targetNodeAddress") and not state.get("completed")
+                and not state.get("failed") and not state.get("abortRequested")
+                and not _dict(vmi.get("metadata")).get("deletionTimestamp")
+                and _dict(vmi.get("status")).get("phase") == "Running")
+
+    async def _reconcile_target(self, vmi: Obj, dom: Domain) -> bool:
+        """A migration target domain; True once the VMI was handed over to this node (the
+        caller then treats it as its own)."""
+        state = migration_state(vmi)
+        status = _dict(vmi.get("status"))
+        if (status.get("nodeName") == self.node and state.get("migrationUid") == dom.migration_uid
+                and state.get("completed") and not state.get("failed")):
+            log.info("VMI %s/%s: handed over to this node", *dom.key)
+            dom.role = "owner"
+            dom.save()
+            return True
+        labels = _dict(_dict(vmi.get("metadata")).get("labels"))
+        gone = (labels.get(MIGRATION_TARGET_LABEL) != self.node
+                or state.get("migrationUid") != dom.migration_uid or bool(state.get("failed"))
+                or status.get("phase") in FINAL_PHASES)
+        if gone or (dom.exit is not None and not dom.incoming_done):
+            why = dom.exit.reason if dom.exit is not None else "the migration ended"
+            log.info("VMI %s/%s: discarding the migration target (%s)", *dom.key, why)
+            await self._discard(dom)
+        return False
+
+    async def _start_target(self, vmi: Obj) -> None:
+        key = key_of(vmi)
+        state = migration_state(vmi)
+        launched = await self._launch(vmi, incoming=True)
+        if launched is None:
+            return
+        dom = launched
+        config = MigrationConfig.from_status(_dict(state.get("migrationConfiguration")))
+        port = free_port(self.address)
+        nbd_port = free_port(self.address) if dom.exports else None
+        try:
+            await MigrationTarget.receive(dom, address=self.address, port=port,
+                                          nbd_port=nbd_port, exports=dom.exports, config=config)
+        except (QmpError, LauncherError) as e:
+            log.warning("VMI %s/%s: preparing the migration target failed: %s", *key, e)
+            await self._discard(dom)
+            return
+        ports = {str(port): PORT_MIGRATION}
+        if nbd_port is not None:
+            ports[str(nbd_port)] = PORT_NBD
+        log.info("VMI %s/%s: migration target ready on %s:%d", *key, self.address, port)
+        await self.source.report(key, {
+            "targetNodeAddress": self.address, "targetDirectMigrationNodePorts": ports,
+            "targetNodeDomainDetected": True, "targetNodeDomainReadyTimestamp": rfc3339(_now()),
+            "targetState": {"node": self.node, "migrationUID": dom.migration_uid,
+                            "domainDetected": True}})
+
+    def _drive_outgoing(self, vmi: Obj, dom: Domain) -> None:
+        state = migration_state(vmi)
+        uid = str(state.get("migrationUid") or "")
+        if dom.outgoing is not None and state.get("abortRequested"):
+            dom.outgoing.abort()
+        if (dom.migrating is None and uid and uid not in dom.tried
+                and state.get("sourceNode") == self.node and state.get("targetNodeAddress")
+                and not state.get("completed") and not state.get("failed")
+                and not state.get("abortRequested") and dom.sup is not None):
+            dom.tried.add(uid)
+            dom.migrating = asyncio.create_task(self._outgoing(vmi, dom),
+                                                name=f"migrate:{dom.key[1]}")
+            dom.tasks.append(dom.migrating)
+
+    async def _outgoing(self, vmi: Obj, dom: Domain) -> None:
+        try:
+            await self.source.run(dom, vmi, self.node)
+        finally:
+            dom.migrating = None
+            self.kick(dom.key)
 
     async def _report_final(self, vmi: Obj, exit_info: ExitInfo | None, *,
                             failed_reason: str = "") -> None:
@@ -334,21 +501,45 @@ class VMISync:
         return path
 
     async def _start(self, vmi: Obj) -> None:
-        key = key_of(vmi)
-        meta = _dict(vmi["metadata"])
-        uid = str(meta.get("uid"))
         vmi = await self._add_finalizer(vmi)
+        dom = await self._launch(vmi, incoming=False)
+        if dom is not None:
+            await self._patch_status(vmi, running_status(vmi, dom.conversion, dom.observed,
+                                                         _now(), node=self.node))
+
+    async def _launch_failed(self, vmi: Obj, reason: str, message: str, *, incoming: bool,
+                             exit_info: ExitInfo | None = None) -> None:
+        """Starting QEMU failed: a migration target reports it in the migration state (the
+        source keeps the VM); a start fails the VMI."""
+        key = key_of(vmi)
+        if incoming:
+            await self.source.report(key, {"completed": True, "failed": True,
+                                           "failureReason": f"target node {self.node}: "
+                                                            f"{message}",
+                                           "endTimestamp": rfc3339(_now())})
+            return
+        await self._patch_status(vmi, sync_failure_status(vmi, reason, message, _now()))
+        await self._report_final(self.vmis.get(key, vmi), exit_info,
+                                 failed_reason="" if exit_info else reason)
+
+    async def _launch(self, vmi: Obj, *, incoming: bool) -> Domain | None:
+        """Prepare the disks and start QEMU (waiting for a migration stream if ``incoming``)."""
+        key = key_of(vmi)
+        uid = str(_dict(vmi["metadata"]).get("uid"))
         run = RunDir.of(self.run_dir(uid))
         run.path.mkdir(parents=True, exist_ok=True)
         try:
             prepared = await self.preparer.prepare(vmi, run.path / "disks")
         except DiskError as e:
+            if incoming:
+                await self._launch_failed(vmi, e.reason, str(e), incoming=True)
+                return None
             delay = min(self._prepare_backoff.get(key, 2.5) * 2, RETRY_MAX)
             self._prepare_backoff[key] = delay
             log.warning("VMI %s/%s: %s (%s); retrying in %.0fs", *key, e, e.reason, delay)
             await self._patch_status(vmi, sync_failure_status(vmi, e.reason, str(e), _now()))
             self.kick_after(key, delay)
-            return
+            return None
         self._prepare_backoff.pop(key, None)
         forwards = self._forwards(vmi)
         pods = self._pod_interfaces(vmi)
@@ -357,37 +548,41 @@ class VMISync:
             disks=prepared.disks, kernel_boot=prepared.kernel_boot, efi=prepared.efi,
             networks={name: UserNetwork(tuple(PortForward(self.address, host, guest)
                                               for guest, host in forwards.items()))
-                      for _, name in pods})
+                      for _, name in pods},
+            incoming="defer" if incoming else None)
         try:
             conv = convert(vmi, ctx)
         except LauncherError as e:
             log.warning("VMI %s/%s cannot run here: %s", *key, e)
-            await self._patch_status(vmi, sync_failure_status(vmi, "FailedCreate", str(e),
-                                                              _now()))
-            await self._report_final(self.vmis.get(key, vmi), None,
-                                     failed_reason="FailedCreate")
-            return
+            await self._launch_failed(vmi, "FailedCreate", str(e), incoming=incoming)
+            return None
         dom = Domain(key, uid, run, conv, ctx.accel, forwards=forwards,
                      netdev=f"net{pods[0][0]}" if pods else "net0")
         dom.observed = Observed(paused=conv.start_paused, paused_reason="PausedStartStrategy",
                                 software_emulation=ctx.accel == "tcg")
+        argv = conv.argv
+        if incoming:
+            dom.role = "target"
+            dom.migration_uid = str(migration_state(vmi).get("migrationUid") or "")
+            dom.exports = tuple(d.node for d in mirrored_disks(vmi, conv))
+            if dom.exports and "-S" not in argv:
+                argv = (*argv, "-S")  # NBD writes need the guest's devices not yet running
         sup = Supervisor(run.path)
         try:
-            pid = await sup.start(conv.argv)
+            pid = await sup.start(argv)
         except LauncherError as e:
             log.warning("VMI %s/%s: QEMU failed to start: %s", *key, e)
-            await self._patch_status(vmi, sync_failure_status(vmi, "FailedCreate", str(e),
-                                                              _now()))
-            await self._report_final(self.vmis.get(key, vmi), ExitInfo(
-                ExitKind.CRASHED, f"QEMU failed to start: {e}"))
-            return
+            await self._launch_failed(vmi, "FailedCreate", str(e), incoming=incoming,
+                                      exit_info=ExitInfo(ExitKind.CRASHED,
+                                                         f"QEMU failed to start: {e}"))
+            return None
         dom.sup = sup
         dom.save()
         self.domains[key] = dom
-        log.info("VMI %s/%s: QEMU started (pid %d, %s)", *key, pid, ctx.accel)
+        log.info("VMI %s/%s: QEMU started (pid %d, %s%s)", *key, pid, ctx.accel,
+                 ", migration target" if incoming else "")
         self._watch(dom)
-        await self._patch_status(vmi, running_status(vmi, conv, dom.observed, _now(),
-                                                     node=self.node))
+        return dom
 
     @staticmethod
     def _pod_interfaces(vmi: Obj) -> list[tuple[int, str]]:

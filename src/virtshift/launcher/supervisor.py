@@ -39,7 +39,7 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -212,6 +212,7 @@ class Supervisor:
         self._monitor: asyncio.Task[None] | None = None
         self._exit: asyncio.Future[ExitInfo] | None = None
         self._guest_agent = GuestAgent(self.run.ga_socket)
+        self._listeners: list[Callable[[QmpEvent], None]] = []
 
     # ---- lifecycle -----------------------------------------------------------------------------
 
@@ -442,7 +443,14 @@ class Supervisor:
         if not self._exit.done():
             self._exit.set_result(info)
 
+    def add_listener(self, listener: Callable[[QmpEvent], None]) -> None:
+        """Also pass every QMP event to ``listener`` (called in the event loop, must not
+        block)."""
+        self._listeners.append(listener)
+
     async def _on_event(self, event: QmpEvent) -> None:
+        for listener in self._listeners:
+            listener(event)
         if event.name == "SHUTDOWN":
             if self._record.data.get("shutdown") is None:
                 self._record.update(shutdown={"guest": bool(event.data.get("guest")),
