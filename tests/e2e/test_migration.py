@@ -176,3 +176,144 @@ def test_migration_job_moves_a_running_guest(cluster: Cluster, ns: str) -> None:
     # the Ready condition is reported by the new node
     wait_for(lambda: (cluster.vmi(ns, "vmi-migratable") or {}).get("status", {}).get(
         "nodeName") == target, "the VMI to stay on the target", 10)
+
+
+# ---- slow migrations: cancel, a killed target, a timeout, printableStatus --------------------
+
+POLICIES = "/apis/migrations.kubevirt.io/v1alpha1/migrationpolicies"
+
+
+def slow_policy(cluster: Cluster, name: str, label: str, **extra: Any) -> None:
+    """A MigrationPolicy throttling the VMIs labelled ``mig=<label>`` to 4 MiB/s, so that a
+    migration of a 128 MiB guest takes long enough to act on it mid-way."""
+    body = {"apiVersion": "migrations.kubevirt.io/v1alpha1", "kind": "MigrationPolicy",
+            "metadata": {"name": name},
+            "spec": {"bandwidthPerMigration": "4Mi",
+                     "selectors": {"virtualMachineInstanceSelector": {"mig": label}},
+                     **extra}}
+    resp = cluster.request("POST", POLICIES, body)
+    assert resp.status_code == 201, resp.text
+
+
+def start_labelled(cluster: Cluster, ns: str, name: str, label: str) -> dict[str, Any]:
+    cluster.create(ns, {"apiVersion": "kubevirt.io/v1", "kind": "VirtualMachineInstance",
+                        "metadata": {"name": name, "labels": {"mig": label}},
+                        "spec": migratable_spec(disk=False)})
+    vmi = cluster.wait_vmi_phase(ns, name, "Running", timeout=120)
+    console = cluster.console(ns, name)
+    try:
+        console.read_until("COUNTER 2", 120)
+    finally:
+        console.close()
+    wait_migratable(cluster, ns, name)
+    return vmi
+
+
+def create_migration(cluster: Cluster, ns: str, name: str, vmi: str) -> None:
+    resp = cluster.request("POST", VMIM.format(ns=ns), {
+        "apiVersion": "kubevirt.io/v1", "kind": "VirtualMachineInstanceMigration",
+        "metadata": {"name": name}, "spec": {"vmiName": vmi}})
+    assert resp.status_code == 201, resp.text
+
+
+def progress_of(cluster: Cluster, ns: str, name: str) -> dict[str, Any] | None:
+    resp = cluster.request("GET", VMIM.format(ns=ns) + f"/{name}")
+    if not resp.ok:
+        return None
+    raw = resp.json()["metadata"].get("annotations", {}).get("virtshift.io/migration-progress")
+    if not raw:
+        return None
+    import json
+    data: dict[str, Any] = json.loads(raw)
+    return data if data.get("transferredBytes", 0) > 0 else None
+
+
+def assert_still_on_source(cluster: Cluster, ns: str, name: str, source: str) -> None:
+    vmi = cluster.vmi(ns, name)
+    assert vmi is not None and vmi["status"]["phase"] == "Running"
+    assert vmi["status"]["nodeName"] == source
+    assert vmi["metadata"]["labels"]["kubevirt.io/nodeName"] == source
+    assert "kubevirt.io/migrationTargetNodeName" not in vmi["metadata"]["labels"]
+    console = cluster.console(ns, name)
+    try:
+        console.read_until(r"COUNTER \d+\r?\n", 30)
+        console.read_until(r"COUNTER \d+\r?\n", 30, start=len(console.text))
+    finally:
+        console.close()
+
+
+def events_of(cluster: Cluster, ns: str, name: str) -> list[dict[str, Any]]:
+    resp = cluster.request("GET", f"/api/v1/namespaces/{ns}/events")
+    return [e for e in resp.json()["items"] if e["involvedObject"]["name"] == name]
+
+
+def test_cancel_mid_way_keeps_the_source(cluster: Cluster, ns: str) -> None:
+    slow_policy(cluster, f"slow-{ns}", ns)
+    vmi = start_labelled(cluster, ns, "cancel-me", ns)
+    source = vmi["status"]["nodeName"]
+    create_migration(cluster, ns, "cancel-job", "cancel-me")
+    wait_migration(cluster, ns, "cancel-job", ("Running",), 60)
+    progress = wait_for(lambda: progress_of(cluster, ns, "cancel-job"),
+                        "progress on the migration object", 30)
+    assert progress["totalBytes"] > 0 and progress["status"] == "active", progress
+    cluster.kubectl.run("delete", "-n", ns, "vmim", "cancel-job", "--wait=false")
+    wait_for(lambda: cluster.request("GET", VMIM.format(ns=ns) + "/cancel-job").status_code
+             == 404, "the cancelled migration to go", 60)
+    state = cluster.vmi(ns, "cancel-me")["status"]["migrationState"]  # type: ignore[index]
+    assert state["abortRequested"] is True and state["abortStatus"] == "Succeeded", state
+    assert state["failed"] is True and state["completed"] is True
+    assert_still_on_source(cluster, ns, "cancel-me", source)
+    target = state["targetNode"]
+    wait_for(lambda: not cluster.run_dir(vmi["metadata"]["uid"], target).exists(),
+             "the target QEMU to be discarded", 30)
+
+
+def test_killed_target_fails_the_migration_not_the_vm(cluster: Cluster, ns: str) -> None:
+    slow_policy(cluster, f"slow-{ns}", ns)
+    vmi = start_labelled(cluster, ns, "victim", ns)
+    source, uid = vmi["status"]["nodeName"], vmi["metadata"]["uid"]
+    create_migration(cluster, ns, "doomed", "victim")
+    wait_migration(cluster, ns, "doomed", ("Running",), 60)
+    wait_for(lambda: progress_of(cluster, ns, "doomed"), "the migration to move data", 30)
+    target = cluster.vmi(ns, "victim")["status"]["migrationState"]["targetNode"]  # type: ignore
+    import os
+    import signal
+    os.kill(cluster.qemu_pid(uid, target), signal.SIGKILL)
+    vmim = wait_migration(cluster, ns, "doomed", ("Succeeded", "Failed"), 60)
+    assert vmim["status"]["phase"] == "Failed"
+    state = cluster.vmi(ns, "victim")["status"]["migrationState"]  # type: ignore[index]
+    assert state["failed"] is True and state["failureReason"], state
+    assert_still_on_source(cluster, ns, "victim", source)
+    reasons = {e["reason"] for e in events_of(cluster, ns, "doomed")}
+    assert "FailedMigration" in reasons, reasons
+    wait_for(lambda: not cluster.run_dir(uid, target).exists(), "the target to clean up", 30)
+
+
+def test_policy_completion_timeout_aborts(cluster: Cluster, ns: str) -> None:
+    # 1 s per GiB (a 128 MiB guest counts as one GiB) at 4 MiB/s cannot finish in time
+    slow_policy(cluster, f"slow-{ns}", ns, completionTimeoutPerGiB=1)
+    vmi = start_labelled(cluster, ns, "too-slow", ns)
+    create_migration(cluster, ns, "timeout-job", "too-slow")
+    vmim = wait_migration(cluster, ns, "timeout-job", ("Succeeded", "Failed"), 60)
+    assert vmim["status"]["phase"] == "Failed"
+    state = cluster.vmi(ns, "too-slow")["status"]["migrationState"]  # type: ignore[index]
+    assert "timed out" in state["failureReason"], state
+    assert state["migrationPolicyName"] == f"slow-{ns}"
+    assert state["migrationConfiguration"]["bandwidthPerMigration"] == "4Mi"
+    assert state["migrationConfiguration"]["completionTimeoutPerGiB"] == 1
+    assert_still_on_source(cluster, ns, "too-slow", vmi["status"]["nodeName"])
+
+
+def test_vm_printable_status_passes_through_migrating(cluster: Cluster, ns: str) -> None:
+    slow_policy(cluster, f"slow-{ns}", ns)
+    cluster.create(ns, {
+        "apiVersion": "kubevirt.io/v1", "kind": "VirtualMachine",
+        "metadata": {"name": "movable"},
+        "spec": {"runStrategy": "Always", "template": {
+            "metadata": {"labels": {"mig": ns}}, "spec": migratable_spec(disk=False)}}})
+    cluster.wait_printable(ns, "movable", "Running", 120)
+    wait_migratable(cluster, ns, "movable")
+    create_migration(cluster, ns, "move-vm", "movable")
+    cluster.wait_printable(ns, "movable", "Migrating", 60)
+    wait_migration(cluster, ns, "move-vm", ("Succeeded",), 120)
+    cluster.wait_printable(ns, "movable", "Running", 60)
