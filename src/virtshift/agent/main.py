@@ -6,11 +6,13 @@ import asyncio
 import contextlib
 import datetime
 import logging
+import math
 import os
 import shutil
 import signal
 import ssl
 import subprocess
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +32,23 @@ from virtshift.storage.imagecache import ImageCache
 log = logging.getLogger(__name__)
 
 HEARTBEAT_SECONDS = 10.0
+HEARTBEAT_ENV = "VIRTSHIFT_NODE_HEARTBEAT_SECONDS"
+
+
+def heartbeat_seconds(env: Mapping[str, str]) -> float:
+    """The heartbeat interval: ``VIRTSHIFT_NODE_HEARTBEAT_SECONDS`` (a positive number of
+    seconds), else :data:`HEARTBEAT_SECONDS`. The controller checks that its node monitor grace
+    period exceeds it."""
+    raw = env.get(HEARTBEAT_ENV, "").strip()
+    if not raw:
+        return HEARTBEAT_SECONDS
+    try:
+        value = float(raw)
+    except ValueError:
+        raise AgentError(f"{HEARTBEAT_ENV}={raw!r}: not a number of seconds") from None
+    if not math.isfinite(value) or value <= 0:
+        raise AgentError(f"{HEARTBEAT_ENV}={raw!r}: must be a positive number of seconds")
+    return value
 
 
 class AgentError(VirtshiftError):
@@ -84,6 +103,7 @@ class NodeAgent:
                              user_agent=f"virtshift-agent/{config.node_name}")
         self.node_kind: KindInfo = REGISTRY.require("", "v1", "Node")
         self.accel = detect_accel(config.accel)
+        self.heartbeat_seconds = heartbeat_seconds(os.environ)
         self.ready_since: str | None = None
         self.port = 0
         self._tasks: list[asyncio.Task[None]] = []
@@ -132,7 +152,7 @@ class NodeAgent:
     async def _heartbeats(self) -> None:
         facts = self.facts()
         while True:
-            await asyncio.sleep(HEARTBEAT_SECONDS)
+            await asyncio.sleep(self.heartbeat_seconds)
             try:
                 await self.heartbeat(facts)
             except (ApiError, OSError) as e:

@@ -522,7 +522,13 @@ class VMController:
 async def run_controllers(client: Client, registry: Registry) -> None:
     """Run the garbage collector, the VM controller and the VMI controller (with its scheduler)
     until cancelled. If one of them fails, the others are stopped and its error is raised."""
+    from virtshift.controller.migrationloop import MigrationController  # they import this
+    from virtshift.controller.nodeloop import NodeController
+
     tasks = [
+        asyncio.create_task(NodeController(client, registry).run(), name="node-controller"),
+        asyncio.create_task(MigrationController(client, registry).run(),
+                            name="migration-controller"),
         asyncio.create_task(GarbageCollector(client, registry).run(), name="gc"),
         asyncio.create_task(VMController(client, registry).run(), name="vm-controller"),
         asyncio.create_task(VMIController(client, registry).run(), name="vmi-controller"),

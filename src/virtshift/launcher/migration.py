@@ -137,7 +137,9 @@ class OutgoingMigration:
     disks: Sequence[MirroredDisk] = ()
     disk_bytes: int = 0
     report: ProgressSink | None = None
-    report_every_s: float = 0.5
+    report_every_s: float = 1.0
+    """Progress goes to the API server no more than this often, and not at all for a migration
+    that completes within that time (keeping the control plane quiet during short ones)."""
     progress: Progress = field(default_factory=Progress)
     _abort: asyncio.Event = field(default_factory=asyncio.Event)
     _mirrors: list[str] = field(default_factory=list)
@@ -198,7 +200,7 @@ class OutgoingMigration:
                 "target": f"nbd:{self.address}:{self.nbd_port}:exportname={disk.node}"})
             self._mirrors.append(job)
         deadline = time.monotonic() + MIRROR_READY_TIMEOUT_S
-        last_report = 0.0
+        last_report = time.monotonic()
         while True:
             self._check_abort()
             jobs = {str(j.get("device")): j for j in await self.qmp.execute("query-block-jobs")
@@ -225,7 +227,7 @@ class OutgoingMigration:
         completion = c.completion_timeout_s(self.memory_bytes, self.disk_bytes)
         best_remaining: int | None = None
         best_at = time.monotonic()
-        last_report = 0.0
+        last_report = time.monotonic()
         while True:
             info = await self.qmp.execute("query-migrate")
             info = info if isinstance(info, dict) else {}
