@@ -110,6 +110,13 @@ class BadRequest(ApiError):
     reason = "BadRequest"
 
 
+class AdmissionDenied(BadRequest):
+    """A validating webhook's refusal without field causes: kube-apiserver answers 400 with the
+    webhook's message and no reason."""
+
+    reason = ""
+
+
 class Unauthorized(ApiError):
     code = 401
     reason = "Unauthorized"

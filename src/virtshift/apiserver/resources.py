@@ -8,6 +8,7 @@ validation with ``fieldValidation``, semantic checks).
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import json
@@ -15,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from virtshift.api import admission
+from virtshift.api.admission import migration as migration_admission
 from virtshift.api.kinds import KindInfo, Obj, Registry
 from virtshift.api.patch import json_patch, merge_patch, strategic_merge_patch
 from virtshift.api.schema import SchemaSet
@@ -23,6 +25,7 @@ from virtshift.api.ssa import server_side_apply, update_managed_fields
 from virtshift.apiserver import meta as m
 from virtshift.apiserver.auth import UserInfo, is_component
 from virtshift.errors import (
+    AdmissionDenied,
     AlreadyExists,
     BadRequest,
     Compacted,
@@ -50,6 +53,7 @@ PROTECTED_NAMESPACES = frozenset({"default", "kube-system", "kube-public"})
 NAMESPACE_FINALIZER = "kubernetes"
 PATCH_RETRIES = 8
 LIST_SCAN_CHUNK = 500
+MIGRATION = ("kubevirt.io", "VirtualMachineInstanceMigration")
 
 
 @dataclass
@@ -104,6 +108,9 @@ class Resources:
         self.store = store
         self.registry = registry
         self.schemas = schemas
+        # Held from the migration create admitter's in-flight check to the write, so that two
+        # concurrent migrations of one VMI cannot both be admitted.
+        self._migration_create = asyncio.Lock()
 
     # ---- reading -----------------------------------------------------------------------------
 
@@ -211,6 +218,22 @@ class Resources:
             raise Invalid.for_object(kind.kind, kind.group, name, errs)
         return obj
 
+    async def _admit_against_store(self, kind: KindInfo, ns: str | None, obj: Obj) -> None:
+        """The validating webhooks' checks that read other objects: the migration create
+        admitter's (the VMI and the namespace's migrations)."""
+        if (kind.group, kind.kind) != MIGRATION or ns is None:
+            return
+        vmi_kind = self.registry.require("kubevirt.io", "v1", "VirtualMachineInstance")
+        vmi_name = str((obj.get("spec") or {}).get("vmiName") or "")
+        rec = await self.store.get(m.store_key(vmi_kind, ns, vmi_name))
+        vmi = self.to_api(vmi_kind, rec) if rec is not None else None
+        migrations: list[Obj] = []
+        if vmi is not None:
+            migrations, _ = await self.list_objects(kind, ns)
+        message = migration_admission.create_denial(obj, vmi, migrations)
+        if message is not None:
+            raise AdmissionDenied(migration_admission.denied(message))
+
     def _check_body_type(self, kind: KindInfo, obj: Any) -> Obj:
         if not isinstance(obj, dict):
             raise BadRequest("the body of the request was in an unknown format - accepted media "
@@ -257,6 +280,13 @@ class Resources:
 
     async def create(self, kind: KindInfo, ns: str | None, body: Any, ctx: WriteContext,
                      *, managed_done: bool = False) -> Obj:
+        if (kind.group, kind.kind) != MIGRATION:
+            return await self._create(kind, ns, body, ctx, managed_done=managed_done)
+        async with self._migration_create:
+            return await self._create(kind, ns, body, ctx, managed_done=managed_done)
+
+    async def _create(self, kind: KindInfo, ns: str | None, body: Any, ctx: WriteContext,
+                      *, managed_done: bool) -> Obj:
         # The body is the caller's to give away (a freshly decoded request): no copy is made.
         obj = self._check_body_type(kind, body)
         meta = obj.setdefault("metadata", {})
@@ -282,6 +312,7 @@ class Resources:
         await self._check_namespace(kind, ns)
         self._builtin_create_defaults(kind, obj)
         obj = self._admit(kind, obj, None, ctx)
+        await self._admit_against_store(kind, ns, obj)
         meta = obj["metadata"]
         now = m.now_rfc3339()
         meta["uid"] = m.new_uid()

@@ -32,6 +32,13 @@ Implemented here: ``PUT virtualmachines/{start,stop,restart}`` with upstream's r
 
 A request queued while another is pending fails as upstream does (500 ``stop/start already
 underway``), except a Stop, which replaces the queue. Any request clears ``status.startFailure``.
+
+And ``PUT virtualmachines/migrate`` (MigrateOptions ``addedNodeSelector``, ``dryRun``; upstream's
+``MigrateVMRequestHandler``): 404 when the VM or its VMI does not exist, 409 ``VM is not running``
+unless the VMI is ``Running``; then a VirtualMachineInstanceMigration ``kubevirt-migrate-vm-*``
+for the VMI is created through the ordinary create path (admission included, as virt-api's
+service account); a refusal comes back as upstream's 500 ``Internal error occurred: ...``.
+
 Other listed subresources are served elsewhere (or not yet): they answer 404 here.
 """
 
@@ -110,6 +117,7 @@ VM_RECOVERY_REQUIRED = (
 )
 TEST_FAILED = "jsonpatch test operation does not apply"
 UNDERWAY = "unable to complete request: stop/start already underway"
+MIGRATION_GENERATE_NAME = "kubevirt-migrate-vm-"
 
 
 def api_group() -> Obj:
@@ -147,7 +155,23 @@ _OPTION_FIELDS: dict[str, dict[str, str]] = {
     "StartOptions": {"paused": "bool", "dryRun": "[]string"},
     "StopOptions": {"gracePeriod": "int64", "dryRun": "[]string"},
     "RestartOptions": {"gracePeriodSeconds": "int64", "dryRun": "[]string"},
+    "MigrateOptions": {"addedNodeSelector": "map[string]string", "dryRun": "[]string"},
 }
+
+
+def _go_type_error(struct: str, key: str, gotype: str, value: Any) -> str | None:
+    """encoding/json's complaint about ``value`` for field ``key`` of Go type ``gotype``."""
+    target = f"Go struct field {struct}.{key}"
+    if gotype == "[]string" and isinstance(value, list):
+        elems = list(value)
+    elif gotype == "map[string]string" and isinstance(value, dict):
+        elems = list(value.values())
+    else:
+        ok = (gotype == "bool" and isinstance(value, bool)) or (
+            gotype == "int64" and isinstance(value, int) and not isinstance(value, bool))
+        return None if ok else f"{go_json_type(value)} into {target} of type {gotype}"
+    bad = [v for v in elems if v is not None and not isinstance(v, str)]
+    return f"{go_json_type(bad[0])} into {target} of type string" if bad else None
 
 
 def decode_options(struct: str, body: Any) -> Obj:
@@ -176,16 +200,10 @@ def decode_options(struct: str, body: Any) -> Obj:
         value = body.get(key)
         if value is None:
             continue
-        ok = {"bool": isinstance(value, bool),
-              "int64": isinstance(value, int) and not isinstance(value, bool),
-              "[]string": isinstance(value, list) and all(isinstance(v, str) for v in value),
-              }[gotype]
-        if not ok:
-            got = go_json_type(value) if gotype != "[]string" or not isinstance(value, list) else (
-                "number")
+        complaint = _go_type_error(struct, key, gotype, value)
+        if complaint is not None:
             raise BadRequest(f"Can not unmarshal Request body to struct, error: json: cannot "
-                             f"unmarshal {got} into Go struct field {struct}.{key} of type "
-                             f"{gotype if gotype != '[]string' else 'string'}")
+                             f"unmarshal {complaint}")
         out[key] = value
     for d in out.get("dryRun", []):
         if d != "All":
@@ -399,10 +417,32 @@ async def _restart(req: _Request, opts: Obj) -> None:
             raise _internal(e.message) from None
 
 
+async def _migrate(req: _Request, opts: Obj) -> None:
+    await req.vm()
+    vmi = await req.vmi()
+    if vmi is None:
+        raise NotFound(f'virtualmachineinstance.kubevirt.io "{req.name}" not found',
+                       name=req.name, group="kubevirt.io", kind="virtualmachineinstance")
+    if _phase(vmi) != "Running":
+        raise _conflict(req.name, "VM is not running")
+    spec: Obj = {"vmiName": req.name}
+    if opts.get("addedNodeSelector"):
+        spec["addedNodeSelector"] = opts["addedNodeSelector"]
+    migration = {"apiVersion": "kubevirt.io/v1", "kind": "VirtualMachineInstanceMigration",
+                 "metadata": {"generateName": MIGRATION_GENERATE_NAME}, "spec": spec}
+    kind = req.resources.registry.require("kubevirt.io", "v1",
+                                          "VirtualMachineInstanceMigration")
+    try:
+        await req.resources.create(kind, req.ns, migration, req.ctx)
+    except ApiError as e:
+        raise _internal(e.message) from None
+
+
 _HANDLERS = {
     "start": ("StartOptions", _start),
     "stop": ("StopOptions", _stop),
     "restart": ("RestartOptions", _restart),
+    "migrate": ("MigrateOptions", _migrate),
 }
 
 
