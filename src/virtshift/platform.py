@@ -11,6 +11,7 @@ import signal
 import sys
 from pathlib import Path
 
+from virtshift import nodenet
 from virtshift.aio import stop_tasks
 from virtshift.apiserver.pki import ensure_node_cert
 from virtshift.apiserver.server import start_api_server
@@ -19,26 +20,50 @@ log = logging.getLogger(__name__)
 
 
 async def up(data_dir: Path, listen: str, *, nodes: int, accel: str,
-             store_url: str | None, controllers: bool = True) -> None:
-    api = await start_api_server(data_dir, listen, store_url=store_url)
+             store_url: str | None, controllers: bool = True,
+             node_network: str = "auto") -> None:
+    names = [nodenet.node_name(i) for i in range(1, nodes + 1)]
+    mode = nodenet.choose_mode(node_network, nodes)
+    net = await asyncio.to_thread(nodenet.prepare, data_dir, names) if mode == "netns" else None
+    try:
+        api = await start_api_server(data_dir, listen, store_url=store_url,
+                                     node_address=net.gateway if net else None)
+    except BaseException:
+        if net is not None:
+            await asyncio.to_thread(net.teardown)
+        raise
     tune_gc()
     base = [sys.executable, "-m", "virtshift.cli.main", "--kubeconfig",
             str(api.components_kubeconfig)]
     children = [ChildProcess("controller", [*base, "controller"], data_dir / "controller.pid")
                 ] if controllers else []
-    for i in range(1, nodes + 1):
-        node = f"node{i:02d}"
+    for i, node in enumerate(names, start=1):
         node_dir = data_dir / "nodes" / node
-        cert, key = ensure_node_cert(api.pki, node, ["127.0.0.1"])
-        children.append(ChildProcess(
-            f"agent {node}",
-            [*base, "agent", "--node-name", node, "--data-dir", str(node_dir), "--accel",
-             accel, "--proxy-token-file", str(api.agent_token_file), "--tls-cert", str(cert),
-             "--tls-key", str(key)],
-            node_dir / "agent.pid"))
+        if net is not None:
+            assert api.node_url is not None
+            # As a remote node would: over the node network, bootstrapped by the join token.
+            argv = ["ip", "netns", "exec", net.netns(node), sys.executable, "-m",
+                    "virtshift.cli.main", "node", "join", "--server", api.node_url,
+                    "--token", api.join_token, "--ca-cert-hash", api.ca_cert_hash,
+                    "--node-name", node, "--address", net.address(node),
+                    "--data-dir", str(node_dir), "--accel", accel]
+        else:
+            address = nodenet.loopback_address(i, nodes)
+            cert, key = ensure_node_cert(api.pki, node, [address])
+            argv = [*base, "agent", "--node-name", node, "--data-dir", str(node_dir),
+                    "--address", address, "--accel", accel, "--proxy-token-file",
+                    str(api.agent_token_file), "--tls-cert", str(cert), "--tls-key", str(key)]
+        children.append(ChildProcess(f"agent {node}", argv, node_dir / "agent.pid"))
     tasks = [asyncio.create_task(c.run(), name=c.name) for c in children]
     print(f"virtshift is up: API {api.url}", flush=True)
+    if net is not None:
+        print(f"  nodes: network namespaces {net.netns('nodeNN')} on bridge {net.bridge} "
+              f"({net.subnet}); the API is also at {api.node_url}", flush=True)
     print(f"  kubectl --kubeconfig {api.kubeconfig} get namespaces", flush=True)
+    print("  to add a node (from a machine that reaches the API; see docs/nodes.md):",
+          flush=True)
+    print(f"  virtshift node join --server {api.url} --token {api.join_token} "
+          f"--ca-cert-hash {api.ca_cert_hash}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -48,6 +73,10 @@ async def up(data_dir: Path, listen: str, *, nodes: int, accel: str,
     finally:
         await stop_tasks(tasks)
         await api.stop()
+        if net is not None:
+            kept = await asyncio.to_thread(net.teardown)
+            if kept:
+                log.warning("keeping the node network: VMs still run in %s", ", ".join(kept))
 
 
 class ChildProcess:

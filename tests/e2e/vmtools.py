@@ -205,6 +205,7 @@ class Cluster:
                 continue
             if b"qemu-system" in cmdline:
                 os.kill(pid, signal.SIGKILL)
+        self.platform.remove_node_network()
 
 
 class VMIRecorder:

@@ -10,6 +10,7 @@ from typing import Any
 
 from aiohttp import web
 
+from virtshift.api import bootstrap
 from virtshift.api.kinds import KindInfo, Obj, Registry
 from virtshift.api.schema import SchemaSet
 from virtshift.api.selectors import (
@@ -97,6 +98,8 @@ class ApiServer:
         # (group, plural, subresource) -> handler; see ExtraHandler.
         self.extra_subresources: dict[tuple[str, str, str], ExtraHandler] = {}
         self.vmi_proxy: VMIProxy | None = None
+        # Node bootstrap under /virtshift/ (apiserver/join.py), outside the API's auth.
+        self.bootstrap: Callable[[web.Request], Awaitable[web.StreamResponse]] | None = None
 
     # ---- application ---------------------------------------------------------------------------
 
@@ -140,6 +143,8 @@ class ApiServer:
                        ) -> web.StreamResponse:
         if request.path in OPEN_PATHS:
             return await handler(request)
+        if self.bootstrap is not None and request.path.startswith(bootstrap.PREFIX):
+            return await self.bootstrap(request)
         header = request.headers.get("Authorization", "")
         token = header[7:].strip() if header[:7].lower() == "bearer " else ""
         user = self.auth.authenticate(token) if token else None

@@ -6,12 +6,14 @@ import contextlib
 import logging
 import os
 import secrets
+import socket
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
 from aiohttp import web
 
+from virtshift.api.bootstrap import ca_cert_hash
 from virtshift.api.kinds import REGISTRY, Registry
 from virtshift.api.schema import SchemaSet, default_schemas
 from virtshift.apiserver.app import ApiServer
@@ -22,6 +24,7 @@ from virtshift.apiserver.auth import (
     TokenAuthenticator,
     UserInfo,
 )
+from virtshift.apiserver.join import JoinService, ensure_join_token
 from virtshift.apiserver.pki import Pki, ensure_pki
 from virtshift.apiserver.resources import WriteContext
 from virtshift.apiserver.vmiproxy import VMIProxy
@@ -78,6 +81,13 @@ class RunningApiServer:
     url: str
     kubeconfig: Path
     pki: Pki
+    join_token: str = ""
+    node_url: str | None = None
+    """Where node agents reach the API on the node network (``node_address``), if anywhere."""
+
+    @property
+    def ca_cert_hash(self) -> str:
+        return ca_cert_hash(self.pki.ca_pem())
 
     @property
     def components_kubeconfig(self) -> Path:
@@ -129,11 +139,11 @@ def _admin_token(data_dir: Path, auth: TokenAuthenticator, *, file: str = "kubec
     return auth.issue(user)
 
 
-def _prepare(data_dir: Path, host: str) -> tuple[Pki, TokenAuthenticator, str, str]:
+def _prepare(data_dir: Path, hosts: list[str]) -> tuple[Pki, TokenAuthenticator, str, str]:
     """The data directory, certificates, the admin credential and the components' credential
     (blocking file work)."""
     data_dir.mkdir(parents=True, exist_ok=True)
-    pki = ensure_pki(data_dir / "pki", [host])
+    pki = ensure_pki(data_dir / "pki", hosts)
     auth = TokenAuthenticator(data_dir / "tokens.json")
     return (pki, auth, _admin_token(data_dir, auth),
             _admin_token(data_dir, auth, file=COMPONENTS_KUBECONFIG, user=COMPONENT_USER))
@@ -157,15 +167,26 @@ async def start_api_server(
     store_url: str | None = None,
     registry: Registry = REGISTRY,
     schemas: SchemaSet | None = None,
+    node_address: str | None = None,
 ) -> RunningApiServer:
+    """Serve on ``listen`` and, when given, also on ``node_address`` (the platform's address
+    on the node network; the same port when it is free there). The serving certificate
+    covers both."""
     host, port = parse_listen(listen)
-    pki, auth, token, component_token = _prepare(data_dir, host)
+    hosts = [host, *([node_address] if node_address else [])]
+    if host in ("0.0.0.0", "::"):
+        hosts += _host_addresses()
+    pki, auth, token, component_token = _prepare(data_dir, hosts)
     store = open_store(store_url, data_dir)
     await store.start()
     server = ApiServer(store, registry, schemas or default_schemas(), auth)
     register_image_store(server, data_dir)
-    server.vmi_proxy = VMIProxy(server.resources, registry, agent_proxy_token(data_dir),
+    proxy_token = agent_proxy_token(data_dir)
+    server.vmi_proxy = VMIProxy(server.resources, registry, proxy_token,
                                 ssl.create_default_context(cafile=str(pki.ca_cert)))
+    join_token = ensure_join_token(data_dir)
+    server.bootstrap = JoinService(pki, auth, join_token=join_token, api_token=component_token,
+                                   proxy_token=proxy_token).handle
     await bootstrap(server)
     ssl_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ssl_ctx.load_cert_chain(pki.serving_cert, pki.serving_key)
@@ -187,10 +208,47 @@ async def start_api_server(
     if host in ("0.0.0.0", "::"):
         url_host = "127.0.0.1"
     url = f"https://{url_host}:{actual_port}"
+    node_url = None
+    if node_address and host in ("0.0.0.0", "::"):
+        node_url = f"https://{node_address}:{actual_port}"  # the wildcard covers it
+    elif node_address:
+        try:
+            node_port = await _listen_also(runner, node_address, actual_port, ssl_ctx)
+        except OSError as e:
+            await runner.cleanup()
+            await store.close()
+            raise ConfigurationError(f"cannot listen on the node network address "
+                                     f"{node_address}: {e.strerror or e}") from e
+        node_url = f"https://{node_address}:{node_port}"
     server.server_address = f"{url_host}:{actual_port}"
     cfg_path = data_dir / "kubeconfig"
     kubeconfig.write(data_dir / COMPONENTS_KUBECONFIG,
                      kubeconfig.render(url, pki.ca_pem(), component_token))
     kubeconfig.write(cfg_path, kubeconfig.render(url, pki.ca_pem(), token))
     log.info("API server listening on %s; kubeconfig at %s", url, cfg_path)
-    return RunningApiServer(runner, store, server, url, cfg_path, pki)
+    return RunningApiServer(runner, store, server, url, cfg_path, pki, join_token, node_url)
+
+
+async def _listen_also(runner: web.AppRunner, host: str, port: int,
+                       ssl_ctx: ssl.SSLContext) -> int:
+    """Serve ``runner`` on ``host`` too: on ``port`` when free there, else on any port."""
+    for candidate in (port, 0):
+        site = web.TCPSite(runner, host, candidate, ssl_context=ssl_ctx, reuse_address=True)
+        try:
+            await site.start()
+        except OSError:
+            if candidate == 0:
+                raise
+            continue
+        sockets = getattr(site._server, "sockets", None) or []
+        return int(sockets[0].getsockname()[1]) if sockets else candidate
+    raise AssertionError("unreachable")
+
+
+def _host_addresses() -> list[str]:
+    """This machine's name and addresses, for a certificate served on a wildcard address."""
+    name = socket.gethostname()
+    out = [name]
+    with contextlib.suppress(OSError):
+        out += [str(info[4][0]) for info in socket.getaddrinfo(name, None)]
+    return out

@@ -22,7 +22,8 @@ from virtshift.client.kubeconfig import default_home
 from virtshift.errors import VirtshiftError
 
 # Command families, each a module with register(subparsers).
-COMMAND_MODULES = ("virtshift.cli.images", "virtshift.cli.vm", "virtshift.cli.createvm")
+COMMAND_MODULES = ("virtshift.cli.images", "virtshift.cli.vm", "virtshift.cli.createvm",
+                   "virtshift.cli.migrate", "virtshift.cli.nodes")
 
 
 def _up(args: argparse.Namespace) -> int:
@@ -35,7 +36,7 @@ def _up(args: argparse.Namespace) -> int:
     if args.nodes < 0:
         raise VirtshiftError("--nodes must be 0 or more")
     uvloop.run(up(args.data_dir or default_home(), args.listen, nodes=args.nodes,
-                  controllers=not args.no_controllers,
+                  controllers=not args.no_controllers, node_network=args.node_network,
                   accel=args.accel or default_accel(), store_url=args.store))
     return 0
 
@@ -71,6 +72,50 @@ def _agent(args: argparse.Namespace) -> int:
     return 0
 
 
+def _node_join(args: argparse.Namespace) -> int:
+    import socket
+
+    from virtshift.agent.join import JoinOptions, join
+    from virtshift.agent.main import NodeAgent
+    from virtshift.platform import default_accel
+
+    name = args.node_name or socket.gethostname().split(".")[0].lower()
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format=f"%(asctime)s %(levelname)s agent[{name}] %(name)s: %(message)s",
+    )
+    config = join(JoinOptions(
+        server=args.server, token=args.token, ca_cert_hash=args.ca_cert_hash,
+        insecure_skip_ca_verification=args.insecure_skip_ca_verification, node_name=name,
+        address=args.address, data_dir=args.data_dir or default_home() / "node",
+        accel=args.accel or default_accel(), hostdisk_dirs=tuple(args.hostdisk_dir)))
+    uvloop.run(NodeAgent(config).run())
+    return 0
+
+
+def _add_node_join(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    node = sub.add_parser("node", help="this machine as a node of a cluster")
+    verbs = node.add_subparsers(dest="node_command", required=True, metavar="VERB")
+    j = verbs.add_parser("join", help="join a control plane with a join token and run a node "
+                         "agent in the foreground (see docs/nodes.md)")
+    j.add_argument("--server", required=True, help="the API server, https://HOST:PORT")
+    j.add_argument("--token", required=True, help="the join token printed by virtshift up")
+    j.add_argument("--ca-cert-hash", default=None, metavar="sha256:HEX",
+                   help="the cluster CA's public key hash printed by virtshift up")
+    j.add_argument("--insecure-skip-ca-verification", action="store_true",
+                   help="join without --ca-cert-hash, trusting whatever CA the server shows")
+    j.add_argument("--node-name", default=None, help="the Node's name (default: host name)")
+    j.add_argument("--address", default=None,
+                   help="the node's IP (default: the local address that reaches --server)")
+    j.add_argument("--data-dir", type=Path, default=None,
+                   help="the node's state directory (default $VIRTSHIFT_HOME/node)")
+    j.add_argument("--accel", choices=("auto", "kvm", "tcg"), default=None)
+    j.add_argument("--hostdisk-dir", type=Path, action="append", default=[],
+                   help="a directory hostDisk volumes may use (repeatable)")
+    j.add_argument("-v", "--verbose", action="store_true")
+    j.set_defaults(func=_node_join)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="virtshift", description="virtshift: KubeVirt's API and "
                                 "real QEMU virtual machines, without a Kubernetes cluster")
@@ -84,6 +129,9 @@ def parser() -> argparse.ArgumentParser:
     up.add_argument("--listen", default="127.0.0.1:6443",
                     help="HOST:PORT for the API (default 127.0.0.1:6443; port 0 picks one)")
     up.add_argument("--nodes", type=int, default=1, help="node agents to run (0: control plane)")
+    up.add_argument("--node-network", choices=("auto", "netns", "loopback"), default="auto",
+                    help="where node agents live: netns (own network namespaces on a bridge), "
+                         "loopback (127.0.1.N); auto: netns for several nodes when root")
     up.add_argument("--no-controllers", action="store_true",
                     help="serve the API and store only, without the controllers (to measure "
                          "or debug the API server alone)")
@@ -110,6 +158,7 @@ def parser() -> argparse.ArgumentParser:
                        help="a directory hostDisk volumes may use (repeatable)")
     agent.add_argument("-v", "--verbose", action="store_true")
     agent.set_defaults(func=_agent)
+    _add_node_join(sub)
     for name in COMMAND_MODULES:
         module = importlib.import_module(name)
         module.register(sub)

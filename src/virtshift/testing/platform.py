@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from virtshift import nodenet
 from virtshift.client import kubeconfig
 from virtshift.client.kubeconfig import ClusterConfig
 
@@ -66,3 +67,13 @@ class PlatformProcess:
                 self.proc.wait(15)
             except subprocess.TimeoutExpired:
                 self.kill()
+
+    def remove_node_network(self, timeout: float = 10.0) -> None:
+        """Remove the node namespaces and bridge that a stopped platform kept because VMs
+        still ran in them (call after killing those VMs; waits for them to exit)."""
+        net = nodenet.load(self.data_dir)
+        if net is None:
+            return
+        deadline = time.monotonic() + timeout
+        while net.teardown() and time.monotonic() < deadline:
+            time.sleep(0.2)
