@@ -179,11 +179,14 @@ def _labels(obj: Mapping[str, Any] | None) -> dict[str, str]:
 def select_policy(policies: Iterable[Mapping[str, Any]], namespace_labels: Mapping[str, str],
                   vmi_labels: Mapping[str, str]) -> Mapping[str, Any] | None:
     """KubeVirt's MigrationPolicy matching: a policy applies when every label of its
-    ``namespaceSelector`` and ``virtualMachineInstanceSelector`` is on the namespace and the VMI;
-    among those, the one matching the most labels wins, then the lowest name."""
-    best: tuple[int, str] | None = None
+    ``namespaceSelector`` and ``virtualMachineInstanceSelector`` is on the namespace and the VMI
+    (a policy without ``selectors`` matches nothing); among those, the one matching the most
+    labels wins, then the one matching more VMI labels, then the lowest name."""
+    best: tuple[int, int, str] | None = None
     chosen: Mapping[str, Any] | None = None
     for policy in policies:
+        if not isinstance(_dict(policy.get("spec")).get("selectors"), dict):
+            continue
         selectors = _dict(_dict(policy.get("spec")).get("selectors"))
         ns_sel = _dict(selectors.get("namespaceSelector"))
         vmi_sel = _dict(selectors.get("virtualMachineInstanceSelector"))
@@ -192,7 +195,7 @@ def select_policy(policies: Iterable[Mapping[str, Any]], namespace_labels: Mappi
         if any(vmi_labels.get(str(k)) != str(v) for k, v in vmi_sel.items()):
             continue
         name = str(_dict(policy.get("metadata")).get("name", ""))
-        rank = (-(len(ns_sel) + len(vmi_sel)), name)
+        rank = (-(len(ns_sel) + len(vmi_sel)), -len(vmi_sel), name)
         if best is None or rank < best:
             best, chosen = rank, policy
     return chosen
@@ -207,7 +210,11 @@ def effective_config(kubevirts: Iterable[Mapping[str, Any]],
     policy = select_policy(policies, _labels(namespace), _labels(vmi))
     if policy is None:
         return config, None
-    return (config.merged(_dict(policy.get("spec"))),
+    spec = _dict(policy.get("spec"))
+    if isinstance(spec.get("allowPostCopy"), bool) and spec.get("allowWorkloadDisruption") is None:
+        # as upstream: allowWorkloadDisruption follows a policy's allowPostCopy unless it is set
+        spec = {**spec, "allowWorkloadDisruption": spec["allowPostCopy"]}
+    return (config.merged(spec),
             str(_dict(policy.get("metadata")).get("name", "")) or None)
 
 

@@ -214,7 +214,8 @@ def reconcile_migration(inp: MigrationInputs) -> MigrationPlan:
     spec = dict(as_dict(vmi.get("spec")))
     added = as_dict(as_dict(vmim.get("spec")).get("addedNodeSelector"))
     if added:
-        spec["nodeSelector"] = {**as_dict(spec.get("nodeSelector")), **added}
+        # on a key collision the VM's own value stays (upstream): added can only restrict
+        spec["nodeSelector"] = {**added, **as_dict(spec.get("nodeSelector"))}
     candidate = {**vmi, "spec": spec}
     nodes = [n for n in inp.nodes if _name(n) != source]
     placement = place(candidate, nodes, inp.vmis)
@@ -244,6 +245,10 @@ def reconcile_migration(inp: MigrationInputs) -> MigrationPlan:
     # replace what a previous migration left (a merge patch: null removes a field)
     patch_state: Obj = {k: None for k in state if k not in new_state}
     patch_state.update(new_state)
+    old_conf = as_dict(state.get("migrationConfiguration"))
+    patch_state["migrationConfiguration"] = {
+        **{k: None for k in old_conf if k not in new_state["migrationConfiguration"]},
+        **new_state["migrationConfiguration"]}
     plan.actions.append(PatchVMIStatus({"migrationState": patch_state}))
     plan.actions.append(PatchVMILabels({MIGRATION_TARGET_LABEL: target}))
     scheduled = _with_phase(scheduling, SCHEDULED, now)
