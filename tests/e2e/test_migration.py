@@ -317,3 +317,67 @@ def test_vm_printable_status_passes_through_migrating(cluster: Cluster, ns: str)
     cluster.wait_printable(ns, "movable", "Migrating", 60)
     wait_migration(cluster, ns, "move-vm", ("Succeeded",), 120)
     cluster.wait_printable(ns, "movable", "Running", 60)
+
+
+DIRTY_DATA = ("#!/bin/sh\ndd if=/dev/urandom of=/tmp/src bs=65536 count=256 2>/dev/null\n"
+              "(while :; do cp /tmp/src /tmp/dst; done) &\n"
+              "(i=0; while :; do echo \"COUNTER $i\"; i=$((i+1)); sleep 0.5; done) &\n")
+
+
+def start_dirtying(cluster: Cluster, ns: str, name: str, label: str) -> dict[str, Any]:
+    spec = migratable_spec(disk=False)
+    spec["volumes"][0]["cloudInitNoCloud"]["userData"] = DIRTY_DATA
+    cluster.create(ns, {"apiVersion": "kubevirt.io/v1", "kind": "VirtualMachineInstance",
+                        "metadata": {"name": name, "labels": {"mig": label}}, "spec": spec})
+    vmi = cluster.wait_vmi_phase(ns, name, "Running", timeout=120)
+    console = cluster.console(ns, name)
+    try:
+        console.read_until("COUNTER 2", 120)
+    finally:
+        console.close()
+    wait_migratable(cluster, ns, name)
+    return vmi
+
+
+def test_policy_post_copy_reaches_qemu(cluster: Cluster, ns: str) -> None:
+    # pre-copy at 4 MiB/s cannot finish within 1 s; the policy allows post-copy, so the source
+    # switches to it (QEMU's postcopy-ram on both sides) and the migration completes
+    slow_policy(cluster, f"pc-{ns}", ns, completionTimeoutPerGiB=1, allowPostCopy=True)
+    vmi = start_dirtying(cluster, ns, "postcopy", ns)
+    create_migration(cluster, ns, "pc-job", "postcopy")
+    vmim = wait_migration(cluster, ns, "pc-job", ("Succeeded", "Failed"), 120)
+    state = cluster.vmi(ns, "postcopy")["status"]["migrationState"]  # type: ignore[index]
+    assert vmim["status"]["phase"] == "Succeeded", state
+    assert state["mode"] == "PostCopy", state
+    assert state["migrationConfiguration"]["allowPostCopy"] is True
+    assert state["targetNode"] != vmi["status"]["nodeName"]
+    console = cluster.console(ns, "postcopy")
+    try:
+        console.read_until(r"COUNTER \d+\r?\n", 30)
+        console.read_until(r"COUNTER \d+\r?\n", 30, start=len(console.text))
+        assert "TESTGUEST-READY" not in console.text
+    finally:
+        console.close()
+
+
+def test_policy_auto_converge_throttles_the_guest(cluster: Cluster, ns: str) -> None:
+    # the guest rewrites 16 MiB faster than 8 MiB/s can carry it: without help this never
+    # converges; with allowAutoConverge QEMU throttles the guest's CPU
+    slow_policy(cluster, f"ac-{ns}", ns, allowAutoConverge=True, bandwidthPerMigration="8Mi")
+    start_dirtying(cluster, ns, "converge", ns)
+    create_migration(cluster, ns, "ac-job", "converge")
+    seen: list[dict[str, Any]] = []
+
+    def throttled() -> dict[str, Any] | None:
+        progress = progress_of(cluster, ns, "ac-job")
+        if progress is not None:
+            seen.append(progress)
+        return progress if progress and progress.get("cpuThrottlePercentage", 0) > 0 else None
+    try:
+        try:
+            progress = wait_for(throttled, "auto-converge to throttle the guest's CPU", 120, 0.5)
+        except AssertionError as e:
+            raise AssertionError(f"{e}; progress seen: {seen[-3:]}") from None
+    finally:
+        cluster.kubectl.run("delete", "-n", ns, "vmim", "ac-job", "--wait=false")
+    assert progress["iteration"] >= 2 and progress["status"] == "active", (progress, seen[-3:])

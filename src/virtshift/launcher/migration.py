@@ -65,6 +65,8 @@ class Progress:
     downtime_ms: int | None = None
     mode: str = "PreCopy"
     disk_remaining_bytes: int = 0
+    cpu_throttle_percentage: int = 0
+    """Auto-converge's current guest CPU throttle."""
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -72,7 +74,8 @@ class Progress:
             "remainingBytes": self.remaining_bytes, "totalBytes": self.total_bytes,
             "dirtyRate": self.dirty_rate, "iteration": self.iteration,
             "mbps": round(self.mbps, 1), "elapsedMs": self.elapsed_ms, "mode": self.mode,
-            "diskRemainingBytes": self.disk_remaining_bytes}
+            "diskRemainingBytes": self.disk_remaining_bytes,
+            "cpuThrottlePercentage": self.cpu_throttle_percentage}
         if self.downtime_ms is not None:
             out["downtimeMs"] = self.downtime_ms
         return out
@@ -280,6 +283,7 @@ class OutgoingMigration:
         p.iteration = int(ram.get("dirty-sync-count", p.iteration))
         p.mbps = float(ram.get("mbps", p.mbps))
         p.elapsed_ms = int(info.get("total-time", (time.monotonic() - started) * 1000))
+        p.cpu_throttle_percentage = int(info.get("cpu-throttle-percentage", 0))
         if status == "postcopy-active":
             p.mode = "PostCopy"
         if "downtime" in info:
