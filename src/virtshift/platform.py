@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 
 async def up(data_dir: Path, listen: str, *, nodes: int, accel: str,
              store_url: str | None, controllers: bool = True,
-             node_network: str = "auto") -> None:
+             node_network: str = "auto", hostdisk_dirs: tuple[Path, ...] = ()) -> None:
     names = [nodenet.node_name(i) for i in range(1, nodes + 1)]
     mode = nodenet.choose_mode(node_network, nodes)
     net = await asyncio.to_thread(nodenet.prepare, data_dir, names) if mode == "netns" else None
@@ -53,6 +53,8 @@ async def up(data_dir: Path, listen: str, *, nodes: int, accel: str,
             argv = [*base, "agent", "--node-name", node, "--data-dir", str(node_dir),
                     "--address", address, "--accel", accel, "--proxy-token-file",
                     str(api.agent_token_file), "--tls-cert", str(cert), "--tls-key", str(key)]
+        for shared in hostdisk_dirs:  # e.g. a mount every node shares (hostDisk shared: true)
+            argv += ["--hostdisk-dir", str(shared)]
         children.append(ChildProcess(f"agent {node}", argv, node_dir / "agent.pid"))
     tasks = [asyncio.create_task(c.run(), name=c.name) for c in children]
     print(f"virtshift is up: API {api.url}", flush=True)

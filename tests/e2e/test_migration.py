@@ -5,9 +5,13 @@ printableStatus."""
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import signal
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -15,6 +19,7 @@ import websocket
 
 from tests.conftest import CORPUS, Kubectl
 from tests.e2e.vmtools import KERNEL_IMAGE, TESTGUEST_IMAGE, Cluster, wait_for
+from virtshift import nodenet
 from virtshift.testing.guest import GuestImages
 from virtshift.testing.platform import PlatformProcess
 
@@ -27,10 +32,16 @@ VMIM = "/apis/kubevirt.io/v1/namespaces/{ns}/virtualmachineinstancemigrations"
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+def shared(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A directory both nodes see (as an NFS mount would be): hostDisks with shared: true."""
+    return tmp_path_factory.mktemp("shared-disks")
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory, shared: Path) -> Iterator[Cluster]:
     images = GuestImages.locate()
     p = PlatformProcess(tmp_path_factory.mktemp("mig"),
-                        args=["--nodes", "2", "--accel", "tcg"])
+                        args=["--nodes", "2", "--accel", "tcg", "--hostdisk-dir", str(shared)])
     p.start()
     c = Cluster(p, Kubectl(p.kubeconfig, tmp_path_factory.mktemp("kubectl-cache")))
     try:
@@ -223,7 +234,6 @@ def progress_of(cluster: Cluster, ns: str, name: str) -> dict[str, Any] | None:
     raw = resp.json()["metadata"].get("annotations", {}).get("virtshift.io/migration-progress")
     if not raw:
         return None
-    import json
     data: dict[str, Any] = json.loads(raw)
     return data if data.get("transferredBytes", 0) > 0 else None
 
@@ -276,8 +286,6 @@ def test_killed_target_fails_the_migration_not_the_vm(cluster: Cluster, ns: str)
     wait_migration(cluster, ns, "doomed", ("Running",), 60)
     wait_for(lambda: progress_of(cluster, ns, "doomed"), "the migration to move data", 30)
     target = cluster.vmi(ns, "victim")["status"]["migrationState"]["targetNode"]  # type: ignore
-    import os
-    import signal
     os.kill(cluster.qemu_pid(uid, target), signal.SIGKILL)
     vmim = wait_migration(cluster, ns, "doomed", ("Succeeded", "Failed"), 60)
     assert vmim["status"]["phase"] == "Failed"
@@ -381,3 +389,146 @@ def test_policy_auto_converge_throttles_the_guest(cluster: Cluster, ns: str) -> 
     finally:
         cluster.kubectl.run("delete", "-n", ns, "vmim", "ac-job", "--wait=false")
     assert progress["iteration"] >= 2 and progress["status"] == "active", (progress, seen[-3:])
+
+
+# ---- storage, refusals, drain, a cut-off target ---------------------------------------------
+
+def hostdisk_spec(path: Path, *, shared: bool) -> dict[str, Any]:
+    spec = migratable_spec(disk=False)
+    spec["volumes"].insert(0, {"name": "data", "hostDisk": {
+        "path": str(path), "type": "DiskOrCreate", "capacity": "16Mi", "shared": shared}})
+    spec["domain"]["devices"]["disks"].insert(0, {"name": "data", "disk": {"bus": "virtio"}})
+    return spec
+
+
+def test_shared_disk_migrates_without_copying(cluster: Cluster, ns: str, shared: Path) -> None:
+    disk = shared / f"{ns}.img"
+    cluster.create(ns, {"apiVersion": "kubevirt.io/v1", "kind": "VirtualMachineInstance",
+                        "metadata": {"name": "shared"},
+                        "spec": hostdisk_spec(disk, shared=True)})
+    vmi = cluster.wait_vmi_phase(ns, "shared", "Running", timeout=120)
+    wait_migratable(cluster, ns, "shared")
+    got = cluster.vmi(ns, "shared")
+    assert got is not None and got["status"]["migrationMethod"] == "LiveMigration", got["spec"]
+    console = cluster.console(ns, "shared")
+    try:
+        console.wait_prompt()
+        console.send("printf before-migration > /dev/vda; sync; echo wrote-$((1+1))\n")
+        console.read_until("wrote-2", 30)
+    finally:
+        console.close()
+    assert disk.read_bytes().startswith(b"before-migration")
+    create_migration(cluster, ns, "shared-job", "shared")
+    vmim = wait_migration(cluster, ns, "shared-job", ("Succeeded", "Failed"), 120)
+    assert vmim["status"]["phase"] == "Succeeded", cluster.vmi(ns, "shared")
+    target = cluster.vmi(ns, "shared")["status"]["nodeName"]  # type: ignore[index]
+    assert target != vmi["status"]["nodeName"]
+    progress = json.loads(vmim["metadata"]["annotations"]["virtshift.io/migration-progress"])
+    assert progress["diskRemainingBytes"] == 0
+    # the target QEMU writes the very same file
+    console = cluster.console(ns, "shared")
+    try:
+        console.send("\nprintf after-migration-ok > /dev/vda; sync; echo wrote-$((2+2))\n")
+        console.read_until("wrote-4", 30)
+    finally:
+        console.close()
+    assert disk.read_bytes().startswith(b"after-migration-ok")
+
+
+def test_migrate_refuses_a_vm_that_cannot_move(cluster: Cluster, ns: str, shared: Path) -> None:
+    cluster.create(ns, {"apiVersion": "kubevirt.io/v1", "kind": "VirtualMachine",
+                        "metadata": {"name": "pinned-disk"},
+                        "spec": {"runStrategy": "Always", "template": {
+                            "spec": hostdisk_spec(shared / f"{ns}.img", shared=False)}}})
+    cluster.wait_printable(ns, "pinned-disk", "Running", 120)
+
+    def not_migratable() -> dict[str, Any] | None:
+        conds = (cluster.vmi(ns, "pinned-disk") or {}).get("status", {}).get("conditions", [])
+        return next((c for c in conds if c["type"] == "LiveMigratable"
+                     and c["status"] == "False"), None)
+    cond = wait_for(not_migratable, "LiveMigratable=False", 60)
+    assert cond["reason"] == "DisksNotLiveMigratable"
+    out = cluster.cli("migrate", "pinned-disk", "-n", ns, check=False)
+    assert out.returncode != 0
+    text = (out.stdout + out.stderr).strip()
+    assert "DisksNotLiveMigratable" in text and len(text.splitlines()) == 1, text
+    resp = cluster.request("GET", VMIM.format(ns=ns))
+    assert resp.json()["items"] == []
+
+
+def test_drain_with_mixed_eviction_strategies(cluster: Cluster, ns: str, shared: Path) -> None:
+    cluster.cli("cordon", "node02")
+    try:
+        specs = {"live": ("LiveMigrate", migratable_spec(disk=False)),
+                 "restart": ("None", migratable_spec(disk=False)),
+                 "ifpossible": ("LiveMigrateIfPossible",
+                                hostdisk_spec(shared / f"{ns}-ip.img", shared=False))}
+        for name, (strategy, spec) in specs.items():
+            spec = {**spec, "evictionStrategy": strategy}
+            cluster.create(ns, {"apiVersion": "kubevirt.io/v1", "kind": "VirtualMachine",
+                                "metadata": {"name": name},
+                                "spec": {"runStrategy": "Always", "template": {"spec": spec}}})
+        before = {}
+        for name in specs:
+            cluster.wait_printable(ns, name, "Running", 120)
+            vmi = cluster.vmi(ns, name)
+            assert vmi is not None and vmi["status"]["nodeName"] == "node01"
+            before[name] = vmi["metadata"]["uid"]
+        wait_migratable(cluster, ns, "live")
+    finally:
+        cluster.cli("uncordon", "node02")
+    drained = cluster.cli("drain", "node01", "--timeout", "180", timeout=240)
+    assert "node/node01 drained" in drained.stdout, drained.stdout
+    try:
+        # LiveMigrate: the same VMI, moved; the others were stopped and restarted elsewhere
+        live = cluster.vmi(ns, "live")
+        assert live is not None and live["metadata"]["uid"] == before["live"]
+        assert live["status"]["nodeName"] == "node02"
+        assert live["status"]["migrationState"]["completed"] is True
+        for name in ("restart", "ifpossible"):
+            vmi = cluster.wait_new_vmi(ns, name, before[name], 120)
+            cluster.wait_vmi_phase(ns, name, "Running", 120)
+            assert cluster.vmi(ns, name)["status"]["nodeName"] == "node02"  # type: ignore
+        node = cluster.request("GET", "/api/v1/nodes/node01").json()
+        assert node["spec"]["unschedulable"] is True
+        assert any(t["key"] == "kubevirt.io/drain" for t in node["spec"].get("taints", []))
+    finally:
+        cluster.cli("uncordon", "node01")
+    node = cluster.request("GET", "/api/v1/nodes/node01").json()
+    assert not node["spec"].get("unschedulable")
+    assert not [t for t in node["spec"].get("taints", []) if t["key"] == "kubevirt.io/drain"]
+
+
+def test_zz_cut_off_target_aborts_and_keeps_the_source(cluster: Cluster, ns: str) -> None:
+    """The target node loses the network mid-way: no progress for progressTimeout (5 s from
+    the KubeVirt CR) aborts the migration; the guest runs on at the source."""
+    kv = "/apis/kubevirt.io/v1/namespaces/default/kubevirts"
+    resp = cluster.request("POST", kv, {
+        "apiVersion": "kubevirt.io/v1", "kind": "KubeVirt", "metadata": {"name": "kubevirt"},
+        "spec": {"configuration": {"migrations": {"progressTimeout": 5}}}})
+    assert resp.status_code == 201, resp.text
+    target = ""
+    try:
+        slow_policy(cluster, f"slow-{ns}", ns)
+        vmi = start_labelled(cluster, ns, "stranded", ns)
+        source = vmi["status"]["nodeName"]
+        create_migration(cluster, ns, "cut-job", "stranded")
+        wait_migration(cluster, ns, "cut-job", ("Running",), 60)
+        wait_for(lambda: progress_of(cluster, ns, "cut-job"), "data to move", 30)
+        target = cluster.vmi(ns, "stranded")["status"]["migrationState"][  # type: ignore
+            "targetNode"]
+        assert cluster.vmi(ns, "stranded")["status"]["migrationState"]["migrationConfiguration"][  # type: ignore
+            "progressTimeout"] == 5
+        nodenet.cut_off(cluster.data_dir, target)
+        vmim = wait_migration(cluster, ns, "cut-job", ("Succeeded", "Failed"), 90)
+        assert vmim["status"]["phase"] == "Failed"
+        state = cluster.vmi(ns, "stranded")["status"]["migrationState"]  # type: ignore
+        assert "no progress" in state["failureReason"], state
+        assert_still_on_source(cluster, ns, "stranded", source)
+    finally:
+        if target:
+            nodenet.reconnect(cluster.data_dir, target)
+        cluster.request("DELETE", kv + "/kubevirt")
+    # back on the network, the target agent drops its half-received copy
+    wait_for(lambda: not cluster.run_dir(vmi["metadata"]["uid"], target).exists(),
+             "the stale target QEMU to be discarded", 60)

@@ -194,16 +194,10 @@ def running_status(vmi: Mapping[str, Any], conv: Conversion, observed: Observed,
     mem = f"{conv.memory_bytes // (1024 * 1024)}Mi"
     status["memory"] = {"guestAtBoot": mem, "guestCurrent": mem, "guestRequested": mem}
     status["qosClass"] = status.get("qosClass") or "Burstable"
-    status["migrationMethod"] = "BlockMigration" if _has_local_disks(vmi) else "LiveMigration"
     status["volumeStatus"] = [
         {"name": d.name, "target": observed.volume_targets.get(d.name, d.qdev_id)}
         for d in conv.disks]
     return status
-
-
-def _has_local_disks(vmi: Mapping[str, Any]) -> bool:
-    return any(k in _dict(v) for v in _list(_dict(vmi.get("spec")).get("volumes"))
-               for k in ("containerDisk", "emptyDisk", "hostDisk"))
 
 
 def final_status(vmi: Mapping[str, Any], exit_info: ExitInfo | None,

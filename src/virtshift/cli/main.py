@@ -37,7 +37,8 @@ def _up(args: argparse.Namespace) -> int:
         raise VirtshiftError("--nodes must be 0 or more")
     uvloop.run(up(args.data_dir or default_home(), args.listen, nodes=args.nodes,
                   controllers=not args.no_controllers, node_network=args.node_network,
-                  accel=args.accel or default_accel(), store_url=args.store))
+                  accel=args.accel or default_accel(), store_url=args.store,
+                  hostdisk_dirs=tuple(d.resolve() for d in args.hostdisk_dir)))
     return 0
 
 
@@ -138,6 +139,9 @@ def parser() -> argparse.ArgumentParser:
     up.add_argument("--accel", choices=("auto", "kvm", "tcg"), default=None,
                     help="accelerator for VMs (default $VIRTSHIFT_ACCEL or auto)")
     up.add_argument("--store", default=None, help="store URL (default sqlite in the data dir)")
+    up.add_argument("--hostdisk-dir", type=Path, action="append", default=[],
+                    help="a directory every node's hostDisk volumes may use, such as a shared "
+                         "mount (repeatable; default: DIR/nodes/NODE/hostdisks per node)")
     up.add_argument("-v", "--verbose", action="store_true")
     up.set_defaults(func=_up)
     ctl = sub.add_parser("controller", help="run the controllers (virtshift up starts them)")
