@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# `make demo`: runs `virtshift up` in the foreground with one node, imports the test guest and
+# `make demo`: runs `virtshift up` in the foreground with two nodes, imports the test guest and
 # starts a demo VM, then prints how to reach it. Ctrl+C stops the platform (VMs keep running
 # and are re-attached by the next `virtshift up`; `virtshift stop demo` stops the VM).
 set -euo pipefail
@@ -9,7 +9,7 @@ DATA=${VIRTSHIFT_HOME:-$HOME/.virtshift}
 GUEST=$REPO/.cache/guest
 export KUBECONFIG=$DATA/kubeconfig
 
-"$BIN/virtshift" up --data-dir "$DATA" --nodes "${VIRTSHIFT_NODES:-1}" &
+"$BIN/virtshift" up --data-dir "$DATA" --nodes "${VIRTSHIFT_NODES:-2}" &
 up=$!
 trap 'kill -TERM $up 2>/dev/null; wait $up' INT TERM
 for _ in $(seq 600); do
@@ -69,6 +69,8 @@ The demo VM is starting. In another terminal:
   $BIN/virtshift console demo             # serial console (Ctrl+] leaves)
   $BIN/virtshift port-forward vm/demo 8080:80   # then: curl http://127.0.0.1:8080/
   $BIN/virtshift vnc demo --proxy-only    # a port for any VNC viewer
+  $BIN/virtshift migrate demo             # live-migrate it to the other node
+  $BIN/virtshift drain NODE               # move everything off a node; uncordon NODE after
   $BIN/virtshift stop demo                # stop it; virtshift start demo starts it again
 Ctrl+C here stops the platform.
 EOF

@@ -172,18 +172,17 @@ def test_migration_job_moves_a_running_guest(cluster: Cluster, ns: str) -> None:
     wait_for(lambda: not cluster.run_dir(vmi["metadata"]["uid"], source).exists(),
              "the source run directory to go", 30)
     assert cluster.qemu_pid(vmi["metadata"]["uid"], target) > 0
-    console = cluster.console(ns, "vmi-migratable")
-    try:
-        console.read_until(r"COUNTER \d+\r?\n", 30)
-        console.read_until(r"COUNTER \d+\r?\n", 30, start=len(console.text))
-        seen = counters(console.text)
-        assert len(seen) >= 2 and seen == sorted(seen), seen
-        assert min(seen) > before, (before, seen)
-        assert "TESTGUEST-READY" not in console.text  # it did not boot again
-    finally:
-        console.close()
+    seen = still_counting(cluster, ns, "vmi-migratable")
+    assert min(seen) > before, (before, seen)
     page = http_through_forward(cluster, ns, "vmi-migratable")
     assert b"200 OK" in page, page[:200]
+    ws = cluster.websocket(ns, "vmi-migratable", "vnc")  # VNC reaches the new node too
+    try:
+        greeting = ws.recv()
+        assert (greeting if isinstance(greeting, bytes) else greeting.encode()).startswith(
+            b"RFB 003.008"), greeting
+    finally:
+        ws.close()
     # the Ready condition is reported by the new node
     wait_for(lambda: (cluster.vmi(ns, "vmi-migratable") or {}).get("status", {}).get(
         "nodeName") == target, "the VMI to stay on the target", 10)
@@ -194,12 +193,17 @@ def test_migration_job_moves_a_running_guest(cluster: Cluster, ns: str) -> None:
 POLICIES = "/apis/migrations.kubevirt.io/v1alpha1/migrationpolicies"
 
 
-def slow_policy(cluster: Cluster, name: str, label: str, **extra: Any) -> None:
-    """A MigrationPolicy throttling the VMIs labelled ``mig=<label>`` to 4 MiB/s, so that a
-    migration of a 128 MiB guest takes long enough to act on it mid-way."""
+def slow_policy(cluster: Cluster, name: str, label: str, bandwidth: str = "4Mi",
+                **extra: Any) -> None:
+    """A MigrationPolicy throttling the VMIs labelled ``mig=<label>`` (4 MiB/s: a migration of
+    a 128 MiB guest takes about 20 s, long enough to act on it mid-way).
+
+    Tests whose migration must complete use 32 MiB/s (about 3 s): under TCG, QEMU 7.2 corrupts
+    the guest's memory in some pre-copy migrations that last about 20 s (seen with bare QEMU
+    and the same command line too: 3 of 4 runs at 4 MiB/s; never in runs of 3 s or less)."""
     body = {"apiVersion": "migrations.kubevirt.io/v1alpha1", "kind": "MigrationPolicy",
             "metadata": {"name": name},
-            "spec": {"bandwidthPerMigration": "4Mi",
+            "spec": {"bandwidthPerMigration": bandwidth,
                      "selectors": {"virtualMachineInstanceSelector": {"mig": label}},
                      **extra}}
     resp = cluster.request("POST", POLICIES, body)
@@ -238,16 +242,44 @@ def progress_of(cluster: Cluster, ns: str, name: str) -> dict[str, Any] | None:
     return data if data.get("transferredBytes", 0) > 0 else None
 
 
+def slow_migration_under_way(cluster: Cluster, ns: str, name: str, job: str,
+                             bandwidth: str = "4Mi") -> dict[str, Any]:
+    """A throttled migration of a fresh VMI ``name``, moving data; returns the VMI as it
+    started."""
+    slow_policy(cluster, f"slow-{ns}", ns, bandwidth)
+    vmi = start_labelled(cluster, ns, name, ns)
+    create_migration(cluster, ns, job, name)
+    wait_migration(cluster, ns, job, ("Running",), 60)
+    wait_for(lambda: progress_of(cluster, ns, job), "the migration to move data", 30)
+    return vmi
+
+
 def assert_still_on_source(cluster: Cluster, ns: str, name: str, source: str) -> None:
     vmi = cluster.vmi(ns, name)
     assert vmi is not None and vmi["status"]["phase"] == "Running"
     assert vmi["status"]["nodeName"] == source
     assert vmi["metadata"]["labels"]["kubevirt.io/nodeName"] == source
     assert "kubevirt.io/migrationTargetNodeName" not in vmi["metadata"]["labels"]
+    still_counting(cluster, ns, name)
+
+
+def still_counting(cluster: Cluster, ns: str, name: str) -> list[int]:
+    """Two fresh counter lines on the console, increasing, and no boot in between."""
+    vmi = cluster.vmi(ns, name) or {}
+    log = cluster.run_dir(vmi["metadata"]["uid"], vmi["status"]["nodeName"]) / "serial.log"
     console = cluster.console(ns, name)
     try:
-        console.read_until(r"COUNTER \d+\r?\n", 30)
-        console.read_until(r"COUNTER \d+\r?\n", 30, start=len(console.text))
+        try:
+            console.read_until(r"COUNTER \d+\r?\n", 30)
+            console.read_until(r"COUNTER \d+\r?\n", 30, start=len(console.text))
+        except AssertionError as e:
+            tail = log.read_bytes()[-3000:].decode(errors="replace") if log.exists() else ""
+            raise AssertionError(f"{e}\nserial log of {vmi['status']['nodeName']}:\n{tail}"
+                                 ) from None
+        seen = counters(console.text)
+        assert len(seen) >= 2 and seen == sorted(seen), seen
+        assert "TESTGUEST-READY" not in console.text  # it did not boot again
+        return seen
     finally:
         console.close()
 
@@ -258,13 +290,10 @@ def events_of(cluster: Cluster, ns: str, name: str) -> list[dict[str, Any]]:
 
 
 def test_cancel_mid_way_keeps_the_source(cluster: Cluster, ns: str) -> None:
-    slow_policy(cluster, f"slow-{ns}", ns)
-    vmi = start_labelled(cluster, ns, "cancel-me", ns)
+    vmi = slow_migration_under_way(cluster, ns, "cancel-me", "cancel-job")
     source = vmi["status"]["nodeName"]
-    create_migration(cluster, ns, "cancel-job", "cancel-me")
-    wait_migration(cluster, ns, "cancel-job", ("Running",), 60)
-    progress = wait_for(lambda: progress_of(cluster, ns, "cancel-job"),
-                        "progress on the migration object", 30)
+    progress = progress_of(cluster, ns, "cancel-job")
+    assert progress is not None
     assert progress["totalBytes"] > 0 and progress["status"] == "active", progress
     cluster.kubectl.run("delete", "-n", ns, "vmim", "cancel-job", "--wait=false")
     wait_for(lambda: cluster.request("GET", VMIM.format(ns=ns) + "/cancel-job").status_code
@@ -279,12 +308,8 @@ def test_cancel_mid_way_keeps_the_source(cluster: Cluster, ns: str) -> None:
 
 
 def test_killed_target_fails_the_migration_not_the_vm(cluster: Cluster, ns: str) -> None:
-    slow_policy(cluster, f"slow-{ns}", ns)
-    vmi = start_labelled(cluster, ns, "victim", ns)
+    vmi = slow_migration_under_way(cluster, ns, "victim", "doomed")
     source, uid = vmi["status"]["nodeName"], vmi["metadata"]["uid"]
-    create_migration(cluster, ns, "doomed", "victim")
-    wait_migration(cluster, ns, "doomed", ("Running",), 60)
-    wait_for(lambda: progress_of(cluster, ns, "doomed"), "the migration to move data", 30)
     target = cluster.vmi(ns, "victim")["status"]["migrationState"]["targetNode"]  # type: ignore
     os.kill(cluster.qemu_pid(uid, target), signal.SIGKILL)
     vmim = wait_migration(cluster, ns, "doomed", ("Succeeded", "Failed"), 60)
@@ -313,18 +338,24 @@ def test_policy_completion_timeout_aborts(cluster: Cluster, ns: str) -> None:
 
 
 def test_vm_printable_status_passes_through_migrating(cluster: Cluster, ns: str) -> None:
-    slow_policy(cluster, f"slow-{ns}", ns)
+    slow_policy(cluster, f"slow-{ns}", ns, "32Mi")
     cluster.create(ns, {
         "apiVersion": "kubevirt.io/v1", "kind": "VirtualMachine",
         "metadata": {"name": "movable"},
         "spec": {"runStrategy": "Always", "template": {
             "metadata": {"labels": {"mig": ns}}, "spec": migratable_spec(disk=False)}}})
     cluster.wait_printable(ns, "movable", "Running", 120)
+    console = cluster.console(ns, "movable")
+    try:
+        console.read_until("COUNTER 2", 120)  # booted: what the console shows next is new
+    finally:
+        console.close()
     wait_migratable(cluster, ns, "movable")
     create_migration(cluster, ns, "move-vm", "movable")
     cluster.wait_printable(ns, "movable", "Migrating", 60)
     wait_migration(cluster, ns, "move-vm", ("Succeeded",), 120)
     cluster.wait_printable(ns, "movable", "Running", 60)
+    still_counting(cluster, ns, "movable")
 
 
 DIRTY_DATA = ("#!/bin/sh\ndd if=/dev/urandom of=/tmp/src bs=65536 count=256 2>/dev/null\n"
@@ -359,13 +390,7 @@ def test_policy_post_copy_reaches_qemu(cluster: Cluster, ns: str) -> None:
     assert state["mode"] == "PostCopy", state
     assert state["migrationConfiguration"]["allowPostCopy"] is True
     assert state["targetNode"] != vmi["status"]["nodeName"]
-    console = cluster.console(ns, "postcopy")
-    try:
-        console.read_until(r"COUNTER \d+\r?\n", 30)
-        console.read_until(r"COUNTER \d+\r?\n", 30, start=len(console.text))
-        assert "TESTGUEST-READY" not in console.text
-    finally:
-        console.close()
+    still_counting(cluster, ns, "postcopy")
 
 
 def test_policy_auto_converge_throttles_the_guest(cluster: Cluster, ns: str) -> None:
@@ -499,6 +524,21 @@ def test_drain_with_mixed_eviction_strategies(cluster: Cluster, ns: str, shared:
     assert not [t for t in node["spec"].get("taints", []) if t["key"] == "kubevirt.io/drain"]
 
 
+def test_source_agent_restart_mid_way_still_completes(cluster: Cluster, ns: str) -> None:
+    """kill -9 of the source node agent while QEMU migrates: QEMU carries on alone; the
+    restarted agent re-attaches, sees how the migration went and reports it."""
+    vmi = slow_migration_under_way(cluster, ns, "orphaned", "restart-job", "32Mi")
+    source = vmi["status"]["nodeName"]
+    old_agent = cluster.agent_pid(source)
+    os.kill(old_agent, signal.SIGKILL)
+    wait_for(lambda: cluster.agent_pid(source) != old_agent, "the agent to be restarted", 30)
+    vmim = wait_migration(cluster, ns, "restart-job", ("Succeeded", "Failed"), 120)
+    after = cluster.vmi(ns, "orphaned")
+    assert vmim["status"]["phase"] == "Succeeded", after
+    assert after is not None and after["status"]["nodeName"] != source
+    still_counting(cluster, ns, "orphaned")
+
+
 def test_zz_cut_off_target_aborts_and_keeps_the_source(cluster: Cluster, ns: str) -> None:
     """The target node loses the network mid-way: no progress for progressTimeout (5 s from
     the KubeVirt CR) aborts the migration; the guest runs on at the source."""
@@ -509,12 +549,8 @@ def test_zz_cut_off_target_aborts_and_keeps_the_source(cluster: Cluster, ns: str
     assert resp.status_code == 201, resp.text
     target = ""
     try:
-        slow_policy(cluster, f"slow-{ns}", ns)
-        vmi = start_labelled(cluster, ns, "stranded", ns)
+        vmi = slow_migration_under_way(cluster, ns, "stranded", "cut-job")
         source = vmi["status"]["nodeName"]
-        create_migration(cluster, ns, "cut-job", "stranded")
-        wait_migration(cluster, ns, "cut-job", ("Running",), 60)
-        wait_for(lambda: progress_of(cluster, ns, "cut-job"), "data to move", 30)
         target = cluster.vmi(ns, "stranded")["status"]["migrationState"][  # type: ignore
             "targetNode"]
         assert cluster.vmi(ns, "stranded")["status"]["migrationState"]["migrationConfiguration"][  # type: ignore

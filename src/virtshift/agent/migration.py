@@ -121,6 +121,13 @@ class MigrationTarget:
             MigrationTarget._finish(dom, done, exports), name=f"incoming:{dom.key[1]}"))
 
     @staticmethod
+    def resume(dom: Domain) -> None:
+        """After a node agent restart: watch the incoming stream again (by polling)."""
+        dom.tasks.append(asyncio.create_task(
+            MigrationTarget._finish(dom, asyncio.Event(), dom.exports),
+            name=f"incoming:{dom.key[1]}"))
+
+    @staticmethod
     async def _finish(dom: Domain, done: asyncio.Event, exports: Sequence[str]) -> None:
         assert dom.sup is not None
         while True:
@@ -130,7 +137,7 @@ class MigrationTarget:
                 status = await incoming_status(dom.sup.qmp)
             except QmpError:
                 return  # QEMU is gone: the exit watcher reports it
-            if status == "completed":
+            if status == "completed" and not dom.incoming_done:
                 await finish_incoming(dom.sup.qmp, exports=exports)
                 dom.incoming_done = True
                 log.info("VMI %s/%s: incoming migration completed; guest resumed here", *dom.key)

@@ -327,8 +327,11 @@ class VMISync:
                 log.info("VMI %s/%s: QEMU ended while the agent was away (%s)", *dom.key,
                          dom.exit.kind.value)
             else:
-                log.info("VMI %s/%s: re-attached to QEMU pid %s", *dom.key, dom.sup.pid)
+                log.info("VMI %s/%s: re-attached to QEMU pid %s%s", *dom.key, dom.sup.pid,
+                         " (migration target)" if dom.role == "target" else "")
                 self._watch(dom)
+                if dom.role == "target":
+                    MigrationTarget.resume(dom)
             self.domains[dom.key] = dom
 
     # ---- reconcile ----------------------------------------------------------------------------
@@ -378,7 +381,10 @@ class VMISync:
             await self._report_final(vmi, dom.exit)
             await self._discard(dom)
             return
-        if dom.migrated_uid or status.get("nodeName") != self.node:
+        state = migration_state(vmi)
+        moved = (state.get("sourceNode") == self.node and state.get("targetNode") != self.node
+                 and state.get("completed") and not state.get("failed"))
+        if dom.migrated_uid or moved or status.get("nodeName") != self.node:
             return  # moved away (or being handed over): the target node reports it now
         if deleting:
             if dom.stopping is None and dom.sup is not None:
@@ -418,6 +424,7 @@ class VMISync:
             log.info("VMI %s/%s: handed over to this node", *dom.key)
             dom.role = "owner"
             dom.save()
+            self._start_monitor(dom)
             return True
         labels = _dict(_dict(vmi.get("metadata")).get("labels"))
         gone = (labels.get(MIGRATION_TARGET_LABEL) != self.node
@@ -611,6 +618,13 @@ class VMISync:
 
     def _watch(self, dom: Domain) -> None:
         dom.tasks.append(asyncio.create_task(self._wait_exit(dom), name=f"exit:{dom.key[1]}"))
+        if dom.role != "target":
+            self._start_monitor(dom)
+
+    def _start_monitor(self, dom: Domain) -> None:
+        """Poll QEMU and the guest agent. Never for an incoming migration: bytes written to the
+        guest agent's channel of a QEMU that is still receiving reach guest memory through a
+        virtio ring that is not set up yet, and corrupt the guest."""
         dom.tasks.append(asyncio.create_task(self._monitor(dom), name=f"mon:{dom.key[1]}"))
 
     async def _wait_exit(self, dom: Domain) -> None:
@@ -654,7 +668,7 @@ class VMISync:
 
     def domain_of(self, namespace: str, name: str) -> Domain:
         dom = self.domains.get((namespace, name))
-        if dom is None or dom.sup is None or dom.exit is not None:
+        if dom is None or dom.sup is None or dom.exit is not None or dom.role == "target":
             raise NotFound(f'virtualmachineinstance "{name}" is not running on node '
                            f"{self.node}")
         return dom

@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 POLL_S = 0.05
 UNLIMITED_BANDWIDTH = 1 << 40  # bytes/s: QEMU's own default caps a migration at 128 MiB/s
 MIRROR_READY_TIMEOUT_S = 600.0
+IN_FLIGHT = ("setup", "active", "pre-switchover", "device", "postcopy-active",
+             "postcopy-paused", "postcopy-recover", "wait-unplug")
 
 
 class MigrationFailed(LauncherError):
@@ -159,6 +161,12 @@ class OutgoingMigration:
         """Migrate; return the final progress (status ``completed``) or raise MigrationFailed."""
         started = time.monotonic()
         try:
+            current = await self.qmp.execute("query-migrate")
+            status = current.get("status") if isinstance(current, dict) else None
+            if status in ("completed", *IN_FLIGHT):
+                # a node agent restarted mid-way: QEMU went on alone; follow it to the end
+                log.info("resuming the follow-up of a migration QEMU reports as %s", status)
+                return await self._follow(started)
             await self._configure()
             if self.disks:
                 await self._mirror(started)
@@ -300,7 +308,7 @@ class OutgoingMigration:
             for _ in range(200):
                 info = await self.qmp.execute("query-migrate")
                 if not isinstance(info, dict) or info.get("status") not in (
-                        "active", "cancelling", "setup", "pre-switchover", "device"):
+                        *IN_FLIGHT, "cancelling"):
                     break
                 await asyncio.sleep(POLL_S)
             for job in self._mirrors:
