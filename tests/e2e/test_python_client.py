@@ -203,3 +203,21 @@ def test_compacted_resource_version_is_410(tmp_path: Path) -> None:
             assert status == 410
     finally:
         p.stop()
+
+
+def test_dry_run_delete_in_delete_options(api: client.ApiClient, namespace: str) -> None:
+    """The client sends dryRun inside DeleteOptions (the body): nothing may be deleted."""
+    core = client.CoreV1Api(api)
+    core.create_namespaced_config_map(namespace, client.V1ConfigMap(
+        metadata=client.V1ObjectMeta(name="keep-me"), data={"k": "v"}))
+    core.delete_namespaced_config_map("keep-me", namespace,
+                                      body=client.V1DeleteOptions(dry_run=["All"]))
+    assert core.read_namespaced_config_map("keep-me", namespace).data == {"k": "v"}
+    with pytest.raises(ApiException) as bad:
+        core.delete_namespaced_config_map("keep-me", namespace,
+                                          body=client.V1DeleteOptions(dry_run=["Some"]))
+    assert bad.value.status == 400
+    core.delete_namespaced_config_map("keep-me", namespace)
+    with pytest.raises(ApiException) as gone:
+        core.read_namespaced_config_map("keep-me", namespace)
+    assert gone.value.status == 404

@@ -383,7 +383,7 @@ def test_success_hands_the_vmi_over_to_the_target() -> None:
                            PatchVMILabels({NODE_NAME_LABEL: "node2",
                                            MIGRATION_TARGET_LABEL: None})]
     assert new_phase(plan) == "Succeeded"
-    assert events(plan) == [(False, "Normal", "Migrated"), (True, "Normal", "Migrated")]
+    assert events(plan) == [(False, "Normal", "SuccessfulMigration"), (True, "Normal", "Migrated")]
     vmim, moved = apply(plan, vmim, vmi)
     assert moved is not None
     assert moved["status"]["nodeName"] == "node2"
@@ -411,7 +411,7 @@ def test_an_aborted_migration_fails_with_the_abort_reason() -> None:
                               failureReason="migration cancelled"))
     plan = run(make_vmim(phase="Running"), vmi)
     assert new_phase(plan) == "Failed"
-    assert events(plan) == [(False, "Warning", "MigrationAborted")]
+    assert events(plan) == [(False, "Normal", "SuccessfulAbortMigration")]
 
 
 def test_a_target_that_never_gets_ready_times_out() -> None:
@@ -453,7 +453,7 @@ def test_cancel_before_the_source_started_ends_it_at_once() -> None:
     assert patch["completed"] is True and patch["failed"] is True
     assert of(plan, PatchVMILabels) == [PatchVMILabels({MIGRATION_TARGET_LABEL: None})]
     assert new_phase(plan) == "Failed"
-    assert events(plan) == [(False, "Normal", "MigrationAborted")]
+    assert events(plan) == [(False, "Normal", "SuccessfulAbortMigration")]
     assert plan.actions[-1] == SetMigrationFinalizer(False)
 
 
@@ -478,7 +478,7 @@ def test_cancel_while_running_requests_an_abort_and_waits() -> None:
                                             failureReason="migration cancelled")
     plan = run(vmim, vmi2)
     assert new_phase(plan) == "Failed"
-    assert events(plan) == [(False, "Warning", "MigrationAborted")]
+    assert events(plan) == [(False, "Normal", "SuccessfulAbortMigration")]
     assert plan.actions[-1] == SetMigrationFinalizer(False)
 
 

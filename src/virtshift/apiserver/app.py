@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
+import json
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -373,8 +375,7 @@ class ApiServer:
                 obj = await self.resources.create(kind, ns, body, ctx)
                 return self._respond(request, kind, obj, 201, ctx.warnings)
             if method == "DELETE":
-                ctx = self._ctx(request)
-                options = await self._delete_options(request)
+                ctx, options = await self._delete_ctx(request)
                 labels, fields = self._selectors(request, kind)
                 items = await self.resources.delete_collection(kind, ns, options, ctx,
                                                                labels=labels, fields=fields)
@@ -411,13 +412,26 @@ class ApiServer:
             if sub:
                 raise MethodNotAllowed("the server does not allow this method on the requested "
                                        "resource")
-            ctx = self._ctx(request)
-            options = await self._delete_options(request)
+            ctx, options = await self._delete_ctx(request)
             obj, gone = await self.resources.delete(kind, ns, name, options, ctx)
             if gone and not kind.builtin:
                 return json_response(self.resources.deleted_status(kind, obj))
             return json_response(obj)
         raise MethodNotAllowed("the server does not allow this method on the requested resource")
+
+    async def _delete_ctx(self, request: web.Request) -> tuple[WriteContext, Obj]:
+        """The write context and DeleteOptions of a DELETE: ``dryRun`` may come in the query
+        or, as Kubernetes also accepts, in the DeleteOptions body."""
+        ctx = self._ctx(request)
+        options = await self._delete_options(request)
+        body_dry = options.get("dryRun")
+        if body_dry is not None:
+            if not isinstance(body_dry, list) or any(d != "All" for d in body_dry):
+                raise BadRequest(f'Invalid value: {json.dumps(body_dry)}: supported values: '
+                                 '"All"')
+            if body_dry:
+                ctx = dataclasses.replace(ctx, dry_run=True)
+        return ctx, options
 
     async def _delete_options(self, request: web.Request) -> Obj:
         body: Any = await read_body(request, allow_empty=True)

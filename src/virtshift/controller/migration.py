@@ -156,11 +156,11 @@ def _slots_free(inp: MigrationInputs, source: str, config_cluster: int,
 
 
 def _fail(plan: MigrationPlan, status: Obj, now: datetime.datetime, reason: str,
-          message: str, *, clear_target: bool) -> MigrationPlan:
+          message: str, *, clear_target: bool, type_: str = "Warning") -> MigrationPlan:
     plan.actions.append(UpdateMigrationStatus(_with_phase(status, FAILED, now)))
     if clear_target:
         plan.actions.append(PatchVMILabels({MIGRATION_TARGET_LABEL: None}))
-    plan.actions.append(RecordEvent(False, "Warning", reason, message))
+    plan.actions.append(RecordEvent(False, type_, reason, message))
     return plan
 
 
@@ -271,7 +271,8 @@ def _follow(inp: MigrationInputs, plan: MigrationPlan, status: Obj,
     if state.get("failed"):
         reason = str(state.get("failureReason") or "migration failed")
         if state.get("abortStatus") == "Succeeded":
-            return _fail(plan, status, now, "MigrationAborted", reason, clear_target=True)
+            return _fail(plan, status, now, "SuccessfulAbortMigration", reason,
+                         clear_target=True, type_="Normal")
         return _fail(plan, status, now, "FailedMigration", reason, clear_target=True)
     if state.get("completed"):
         # hand over: status first (the source stops reporting), then the labels (the watches)
@@ -281,7 +282,7 @@ def _follow(inp: MigrationInputs, plan: MigrationPlan, status: Obj,
                                             MIGRATION_TARGET_LABEL: None}))
         plan.actions.append(UpdateMigrationStatus(_with_phase(status, SUCCEEDED, now)))
         message = f"VMI migrated from node {source} to node {target}"
-        plan.actions.append(RecordEvent(False, "Normal", "Migrated", message))
+        plan.actions.append(RecordEvent(False, "Normal", "SuccessfulMigration", message))
         plan.actions.append(RecordEvent(True, "Normal", "Migrated", message))
         return plan
     if state.get("startTimestamp"):
@@ -330,7 +331,7 @@ def _cancel(inp: MigrationInputs, plan: MigrationPlan, status: Obj,
             "endTimestamp": rfc3339(now)}}))
         plan.actions.append(PatchVMILabels({MIGRATION_TARGET_LABEL: None}))
         plan.actions.append(UpdateMigrationStatus(_with_phase(status, FAILED, now)))
-        plan.actions.append(RecordEvent(False, "Normal", "MigrationAborted",
+        plan.actions.append(RecordEvent(False, "Normal", "SuccessfulAbortMigration",
                                         "migration cancelled before the source started"))
         plan.actions.append(SetMigrationFinalizer(False))
         return plan
