@@ -29,6 +29,7 @@ COUNTER = re.compile(r"COUNTER (\d+)")
 USER_DATA = ("#!/bin/sh\n"
              "(i=0; while :; do echo \"COUNTER $i\"; i=$((i+1)); sleep 0.5; done) &\n")
 VMIM = "/apis/kubevirt.io/v1/namespaces/{ns}/virtualmachineinstancemigrations"
+DISK_MARK = "mirrored-disk-ok"
 
 
 @pytest.fixture(scope="module")
@@ -144,6 +145,10 @@ def test_migration_job_moves_a_running_guest(cluster: Cluster, ns: str) -> None:
     console = cluster.console(ns, "vmi-migratable")
     try:
         console.read_until("COUNTER 3", 120)
+        # data written to the node-local containerDisk (its overlay) must move with the VM
+        console.send(f"\nprintf {DISK_MARK} | dd of=/dev/vda bs=512 seek=4000 conv=notrunc "
+                     "2>/dev/null; sync; echo synced-$((3*3))\n")
+        console.read_until("synced-9", 30)
         before = max(counters(console.text))
     finally:
         console.close()
@@ -174,6 +179,14 @@ def test_migration_job_moves_a_running_guest(cluster: Cluster, ns: str) -> None:
     assert cluster.qemu_pid(vmi["metadata"]["uid"], target) > 0
     seen = still_counting(cluster, ns, "vmi-migratable")
     assert min(seen) > before, (before, seen)
+    console = cluster.console(ns, "vmi-migratable")
+    try:  # read it back from the target's disk, not from the guest's page cache
+        console.send("\nsync; echo 3 > /proc/sys/vm/drop_caches; dd if=/dev/vda bs=512 "
+                     "skip=4000 count=1 2>/dev/null | head -c 20; echo; echo read-$((4*4))\n")
+        console.read_until("read-16", 30)
+        assert DISK_MARK in console.text, console.text[-500:]  # not in the command line
+    finally:
+        console.close()
     page = http_through_forward(cluster, ns, "vmi-migratable")
     assert b"200 OK" in page, page[:200]
     ws = cluster.websocket(ns, "vmi-migratable", "vnc")  # VNC reaches the new node too
