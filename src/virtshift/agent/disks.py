@@ -10,7 +10,12 @@
 - ``emptyDisk``: a sparse qcow2 of ``capacity``, discarded with the VMI.
 - ``hostDisk``: ``Disk`` (must exist) or ``DiskOrCreate`` (a sparse raw file of ``capacity``),
   confined to the node's allowed directories.
-Volume kinds that need storage not built yet (PVCs, DataVolumes) raise a clear error.
+- ``persistentVolumeClaim`` / ``dataVolume``: the claim must be ``Bound``; its PersistentVolume
+  (made by the hostpath provisioner, :mod:`virtshift.controller.storage`) is a directory under
+  this node's storage root, and the VM disk is ``disk.img`` inside it, a sparse raw file of the
+  volume's capacity created on first use (KubeVirt's Filesystem-mode layout). Volume mode Block
+  is not supported yet. :meth:`DiskPreparer.remove_orphans` deletes the directories of volumes
+  that no longer exist (reclaim policy Delete).
 """
 
 from __future__ import annotations
@@ -32,6 +37,9 @@ from virtshift.launcher.context import DiskFile, EfiFirmware, KernelBoot
 from virtshift.launcher.converter import efi_secure_boot
 from virtshift.storage.cloudinit import build_seed, configdrive_files, nocloud_files
 from virtshift.storage.imagecache import ImageCache, ImageError, create_overlay
+
+REASON_PVC_NOT_FOUND = "FailedPvcNotFound"
+REASON_FAILED_MOUNT = "FailedMount"
 
 
 class DiskError(VirtshiftError):
@@ -79,6 +87,18 @@ def _dict(value: Any) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
+def pv_node(pv: Mapping[str, Any]) -> str:
+    """The node named by a volume's required ``kubernetes.io/hostname In [node]`` affinity."""
+    required = _dict(_dict(_dict(pv.get("spec")).get("nodeAffinity")).get("required"))
+    for term in required.get("nodeSelectorTerms") or []:
+        for expr in _dict(term).get("matchExpressions") or []:
+            expr = _dict(expr)
+            if (expr.get("key") == "kubernetes.io/hostname" and expr.get("operator") == "In"
+                    and expr.get("values")):
+                return str(expr["values"][0])
+    return ""
+
+
 def _bytes(value: Any, what: str) -> int:
     try:
         return quantity.parse_value(value).value()
@@ -106,10 +126,13 @@ def confined(path: str, allowed: Sequence[Path]) -> Path:
 
 
 class DiskPreparer:
-    def __init__(self, client: Client, cache: ImageCache, hostdisk_dirs: Sequence[Path]) -> None:
+    def __init__(self, client: Client, cache: ImageCache, hostdisk_dirs: Sequence[Path], *,
+                 storage_root: Path | None = None, node_name: str = "") -> None:
         self.client = client
         self.cache = cache
         self.hostdisk_dirs = tuple(hostdisk_dirs)
+        self.storage_root = storage_root
+        self.node_name = node_name
 
     async def prepare(self, vmi: Mapping[str, Any], disk_dir: Path) -> Prepared:
         meta = _dict(vmi.get("metadata"))
@@ -149,8 +172,11 @@ class DiskPreparer:
             elif "hostDisk" in vol:
                 out.disks[vname] = await self._host_disk(vname, _dict(vol["hostDisk"]))
             elif "persistentVolumeClaim" in vol or "dataVolume" in vol:
-                raise DiskError(f"volume {vname}: PVC and DataVolume volumes need the storage "
-                                "provisioner, which this node does not run yet")
+                src = _dict(vol.get("persistentVolumeClaim"))
+                claim = str(src.get("claimName") or _dict(vol.get("dataVolume")).get("name")
+                            or "")
+                out.disks[vname] = await self._claim_disk(ns, vname, claim,
+                                                          readonly=src.get("readOnly") is True)
             else:
                 kinds = [k for k in vol if k != "name"]
                 raise DiskError(f"volume {vname}: {', '.join(kinds) or 'unknown'} volumes are "
@@ -212,6 +238,67 @@ class DiskPreparer:
             if not target.exists():
                 raise DiskError(f"volume {vname}: {target} does not exist")
         return DiskFile(str(target), "raw", readonly=False)
+
+    async def _claim_disk(self, ns: str, vname: str, claim: str, *, readonly: bool
+                          ) -> DiskFile:
+        if not claim:
+            raise DiskError(f"volume {vname}: no claim name")
+        try:
+            pvc = await self.client.get(REGISTRY.require("", "v1", "PersistentVolumeClaim"),
+                                        ns, claim)
+        except NotFound as e:
+            raise DiskError(f'volume {vname}: persistentvolumeclaim "{claim}" not found',
+                            reason=REASON_PVC_NOT_FOUND) from e
+        volume = str(_dict(pvc.get("spec")).get("volumeName") or "")
+        if _dict(pvc.get("status")).get("phase") != "Bound" or not volume:
+            raise DiskError(f'volume {vname}: persistentvolumeclaim "{claim}" is not bound',
+                            reason=REASON_FAILED_MOUNT)
+        try:
+            pv = await self.client.get(REGISTRY.require("", "v1", "PersistentVolume"), None,
+                                       volume)
+        except NotFound as e:
+            raise DiskError(f'volume {vname}: persistentvolume "{volume}" of claim "{claim}" '
+                            "not found", reason=REASON_FAILED_MOUNT) from e
+        return await asyncio.to_thread(self._volume_file, vname, pv, readonly)
+
+    def _volume_file(self, vname: str, pv: Obj, readonly: bool) -> DiskFile:
+        spec = _dict(pv.get("spec"))
+        name = str(_dict(pv.get("metadata")).get("name"))
+        where = pv_node(pv)
+        if where and self.node_name and where != self.node_name:
+            raise DiskError(f"volume {vname}: persistentvolume {name} is on node {where}, "
+                            f"not on {self.node_name}", reason=REASON_FAILED_MOUNT)
+        if spec.get("volumeMode") == "Block":
+            raise DiskError(f"volume {vname}: persistentvolume {name} has volume mode Block, "
+                            "which this node does not support yet", reason=REASON_FAILED_MOUNT)
+        path = str(_dict(spec.get("hostPath")).get("path") or "")
+        if not path or self.storage_root is None:
+            raise DiskError(f"volume {vname}: persistentvolume {name} is not a hostPath volume "
+                            "of this node", reason=REASON_FAILED_MOUNT)
+        directory = confined(path, (self.storage_root,))
+        directory.mkdir(parents=True, exist_ok=True)
+        image = directory / "disk.img"
+        if not image.exists():
+            size = _bytes(_dict(spec.get("capacity")).get("storage"),
+                          f"volume {vname}: persistentvolume {name}")
+            # KubeVirt leaves room for filesystem overhead; the whole capacity is ours here.
+            with image.open("wb") as f:
+                f.truncate(size - size % 512)
+        return DiskFile(str(image), "raw", readonly=readonly)
+
+    async def remove_orphans(self) -> list[Path]:
+        """Delete the ``pvc-*`` directories under the storage root whose PersistentVolume no
+        longer exists (deleted by reclaim policy Delete); returns what was removed."""
+        root = self.storage_root
+        if root is None or not await asyncio.to_thread(root.is_dir):
+            return []
+        pvs = await self.client.list(REGISTRY.require("", "v1", "PersistentVolume"))
+        alive = {str(_dict(p.get("metadata")).get("name")) for p in pvs.get("items") or []}
+        gone = [d for d in await asyncio.to_thread(lambda: sorted(root.iterdir()))
+                if d.name.startswith("pvc-") and d.name not in alive and d.is_dir()]
+        for d in gone:
+            await asyncio.to_thread(shutil.rmtree, d, True)
+        return gone
 
     async def _secrets(self, ns: str, src: Obj) -> dict[str, dict[str, bytes]]:
         out: dict[str, dict[str, bytes]] = {}

@@ -109,7 +109,10 @@ class NodeAgent:
         self._tasks: list[asyncio.Task[None]] = []
         cache = ImageCache(config.data_dir / "images", self.client)
         preparer = DiskPreparer(self.client, cache,
-                                config.hostdisk_dirs or (config.data_dir / "hostdisks",))
+                                config.hostdisk_dirs or (config.data_dir / "hostdisks",),
+                                storage_root=config.data_dir / "storage",
+                                node_name=config.node_name)
+        self.preparer = preparer
         self.vmis = VMISync(self.client, node=config.node_name, address=config.address,
                             data_dir=config.data_dir, accel=self.accel, preparer=preparer)
         self.http = web.Application()
@@ -127,6 +130,7 @@ class NodeAgent:
             memory_ki=NodeFacts.memory_total_ki(),
             accel=self.accel,
             qemu_version=qemu_version(),
+            storage_root=str(self.config.data_dir / "storage"),
         )
 
     async def register(self) -> None:
@@ -155,6 +159,8 @@ class NodeAgent:
             await asyncio.sleep(self.heartbeat_seconds)
             try:
                 await self.heartbeat(facts)
+                for gone in await self.preparer.remove_orphans():
+                    log.info("removed %s: its persistent volume was deleted", gone)
             except (ApiError, OSError) as e:
                 log.warning("heartbeat failed: %s", e)
 

@@ -14,6 +14,8 @@ from virtshift.api.kinds import Obj
 
 HEARTBEAT_ANNOTATION = "kubevirt.io/heartbeat"
 SCHEDULABLE_LABEL = "kubevirt.io/schedulable"
+# Where this node keeps persistent volumes (the hostpath provisioner's directory per volume).
+STORAGE_ROOT_ANNOTATION = "virtshift.io/storage-root"
 # Memory kept back from VMs for the host, QEMU overhead and the agent itself.
 RESERVED_MEMORY_KI = 1024 * 1024
 
@@ -27,6 +29,7 @@ class NodeFacts:
     memory_ki: int
     accel: str
     qemu_version: str
+    storage_root: str = ""
 
     @staticmethod
     def memory_total_ki() -> int:
@@ -93,7 +96,8 @@ def node_object(facts: NodeFacts, now: datetime.datetime) -> Obj:
         "metadata": {
             "name": facts.name,
             "labels": node_labels(facts),
-            "annotations": {HEARTBEAT_ANNOTATION: rfc3339(now)},
+            "annotations": {HEARTBEAT_ANNOTATION: rfc3339(now), **(
+                {STORAGE_ROOT_ANNOTATION: facts.storage_root} if facts.storage_root else {})},
         },
         "spec": {},
     }

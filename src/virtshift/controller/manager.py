@@ -249,8 +249,10 @@ class VMIController:
         self.node_kind = kind("", "v1", "Node")
         self.pvc_kind = kind("", "v1", "PersistentVolumeClaim")
         self.dv_kind = kind("cdi.kubevirt.io", "v1beta1", "DataVolume")
+        self.pv_kind = kind("", "v1", "PersistentVolume")
         self.caches = {k.plural: ObjectCache() for k in (
-            self.vmi_kind, self.vm_kind, self.node_kind, self.pvc_kind, self.dv_kind)}
+            self.vmi_kind, self.vm_kind, self.node_kind, self.pvc_kind, self.dv_kind,
+            self.pv_kind)}
         self.queue = WorkQueue()
         self.synced = asyncio.Event()
         self.unschedulable: set[Key] = set()
@@ -284,7 +286,7 @@ class VMIController:
 
     async def run(self) -> None:
         tasks = await run_reflectors(self.client, [self.vmi_kind, self.vm_kind, self.node_kind,
-                                                   self.pvc_kind, self.dv_kind],
+                                                   self.pvc_kind, self.dv_kind, self.pv_kind],
                                      self._on_event, self.synced, "vmi")
         await serve("VMI", tasks, self.synced, self.queue, self.reconcile)
 
@@ -301,7 +303,8 @@ class VMIController:
             nodes=self.caches["nodes"].values(), vmis=self.vmis.values(),
             owner_exists=owner_exists,
             pvcs=self.caches["persistentvolumeclaims"].objects,
-            datavolumes=self.caches["datavolumes"].objects)
+            datavolumes=self.caches["datavolumes"].objects,
+            pvs={k[1]: v for k, v in self.caches["persistentvolumes"].objects.items()})
         if decision.unschedulable:
             self.unschedulable.add(key)
         else:
@@ -524,6 +527,7 @@ async def run_controllers(client: Client, registry: Registry) -> None:
     until cancelled. If one of them fails, the others are stopped and its error is raised."""
     from virtshift.controller.migrationloop import MigrationController  # they import this
     from virtshift.controller.nodeloop import NodeController
+    from virtshift.controller.storageloop import StorageController
 
     tasks = [
         asyncio.create_task(NodeController(client, registry).run(), name="node-controller"),
@@ -532,6 +536,7 @@ async def run_controllers(client: Client, registry: Registry) -> None:
         asyncio.create_task(GarbageCollector(client, registry).run(), name="gc"),
         asyncio.create_task(VMController(client, registry).run(), name="vm-controller"),
         asyncio.create_task(VMIController(client, registry).run(), name="vmi-controller"),
+        asyncio.create_task(StorageController(client, registry).run(), name="storage"),
     ]
     try:
         done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)

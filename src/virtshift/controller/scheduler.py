@@ -58,6 +58,7 @@ TAINT_UNSCHEDULABLE = "node.kubernetes.io/unschedulable"
 ERR_UNSCHEDULABLE = "node(s) were unschedulable"
 ERR_AFFINITY = "node(s) didn't match Pod's node affinity/selector"
 ERR_NO_NODES = "no nodes available to schedule pods"
+ERR_VOLUME_AFFINITY = "node(s) had volume node affinity conflict"
 PREEMPTION_NO_VICTIMS = "No preemption victims found for incoming pod"
 PREEMPTION_NOT_HELPFUL = "Preemption is not helpful for scheduling"
 # Phases whose VMIs hold resources on their node.
@@ -414,9 +415,10 @@ def _fit_message(total: int, failures: Mapping[str, tuple[list[str], bool]]) -> 
 
 
 def place(vmi: Mapping[str, Any], nodes: Sequence[Mapping[str, Any]],
-          placed: Iterable[Mapping[str, Any]]) -> Placement:
+          placed: Iterable[Mapping[str, Any]], *, volume_node: str = "") -> Placement:
     """Choose a node for ``vmi`` among ``nodes``, given the VMIs already ``placed`` (any VMIs:
-    only those with ``status.nodeName`` in an active phase count, and never ``vmi`` itself)."""
+    only those with ``status.nodeName`` in an active phase count, and never ``vmi`` itself).
+    ``volume_node`` is where its bound node-local volumes are (the VolumeBinding filter)."""
     if not nodes:
         return Placement(None, ERR_NO_NODES, "Unschedulable")
     spec = _dict(vmi.get("spec"))
@@ -427,6 +429,8 @@ def place(vmi: Mapping[str, Any], nodes: Sequence[Mapping[str, Any]],
     for node in nodes:
         name = str(_dict(node.get("metadata")).get("name", ""))
         reasons, unresolvable = _filter(spec, node, need, usage.get(name, Requests(0, 0)))
+        if not reasons and volume_node and name != volume_node:
+            reasons, unresolvable = [ERR_VOLUME_AFFINITY], True  # VolumeBinding, after Fit
         if reasons:
             failures[name] = (reasons, unresolvable)
         else:

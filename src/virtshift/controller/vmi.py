@@ -30,7 +30,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from virtshift.api.kinds import Obj
-from virtshift.controller.scheduler import place
+from virtshift.controller.scheduler import Placement, place
+from virtshift.controller.storage import volume_node
 
 log = logging.getLogger(__name__)
 
@@ -186,7 +187,8 @@ def claim_name(volume: Mapping[str, Any]) -> str:
 
 def volumes_ready(vmi: Mapping[str, Any], pvcs: Mapping[Key, Obj],
                   datavolumes: Mapping[Key, Obj]) -> tuple[bool, str]:
-    """``areDataVolumesReady``: (ready, missing-PVC message)."""
+    """``areDataVolumesReady``: (ready, missing-PVC message). A claim that is not ``Bound``
+    yet keeps the VMI waiting (the launcher pod's volume binding would)."""
     ns = key_of(vmi)[0]
     ready = True
     for volume in as_list(as_dict(vmi.get("spec")).get("volumes")):
@@ -198,6 +200,8 @@ def volumes_ready(vmi: Mapping[str, Any], pvcs: Mapping[Key, Obj],
             continue
         if (ns, name) not in pvcs:
             return False, f"PVC {ns}/{name} does not exist, waiting for it to appear"
+        if phase(pvcs[(ns, name)]) != "Bound":
+            ready = False  # the storage controller binds it (selected-node for WFFC)
         dv = datavolumes.get((ns, name))
         if dv is not None and phase(dv) not in ("Succeeded", "WaitForFirstConsumer",
                                                  "PendingPopulation"):
@@ -282,10 +286,11 @@ def _ready_condition(conds: list[Obj], reason: str, message: str, now: str) -> N
 def reconcile_vmi(vmi: Obj, *, now: datetime.datetime, nodes: Sequence[Obj],
                   vmis: Iterable[Obj], owner_exists: bool,
                   pvcs: Mapping[Key, Obj] | None = None,
-                  datavolumes: Mapping[Key, Obj] | None = None) -> VMIDecision:
+                  datavolumes: Mapping[Key, Obj] | None = None,
+                  pvs: Mapping[str, Obj] | None = None) -> VMIDecision:
     """What the VMI controller does with ``vmi``, given the cluster's ``nodes``, all ``vmis``
     (for the resources already placed), whether its owning VM exists, and PVCs/DataVolumes by
-    (namespace, name)."""
+    (namespace, name), PersistentVolumes by name (a bound node-local volume pins the node)."""
     ts = rfc3339(now)
     old = status_of(vmi)
     status: Obj = {**old}
@@ -320,7 +325,9 @@ def reconcile_vmi(vmi: Obj, *, now: datetime.datetime, nodes: Sequence[Obj],
         if deleting:
             _with_phase(status, "Failed", ts)
         else:
-            placement = place(vmi, nodes, vmis)
+            pinned, conflict = volume_node(vmi, pvcs or {}, pvs or {})
+            placement = (place(vmi, nodes, vmis, volume_node=pinned) if not conflict
+                         else Placement(None, conflict, REASON_UNSCHEDULABLE))
             if placement.node is not None:
                 conds = remove_condition(conds, "PodScheduled")
                 _with_phase(status, "Scheduled", ts)
