@@ -17,11 +17,9 @@ from typing import Any
 import pytest
 import websocket
 
-from tests.conftest import CORPUS, Kubectl
-from tests.e2e.vmtools import KERNEL_IMAGE, TESTGUEST_IMAGE, Cluster, wait_for
+from tests.conftest import CORPUS
+from tests.e2e.vmtools import KERNEL_IMAGE, TESTGUEST_IMAGE, Cluster, guest_cluster, wait_for
 from virtshift import nodenet
-from virtshift.testing.guest import GuestImages
-from virtshift.testing.platform import PlatformProcess
 
 pytestmark = pytest.mark.e2e
 
@@ -40,22 +38,9 @@ def shared(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory, shared: Path) -> Iterator[Cluster]:
-    images = GuestImages.locate()
-    p = PlatformProcess(tmp_path_factory.mktemp("mig"),
-                        args=["--nodes", "2", "--accel", "tcg", "--hostdisk-dir", str(shared)])
-    p.start()
-    c = Cluster(p, Kubectl(p.kubeconfig, tmp_path_factory.mktemp("kubectl-cache")))
-    try:
-        for node in ("node01", "node02"):
-            wait_for(lambda n=node: c.request("GET", f"/api/v1/nodes/{n}").ok,  # type: ignore[misc]
-                     f"{node} to register", 90)
-        c.cli("image", "import", TESTGUEST_IMAGE, str(images.disk))
-        c.cli("image", "import", KERNEL_IMAGE, "--kernel", str(images.vmlinux), "--initrd",
-              str(images.initrd), "--cmdline", "console=ttyS0 quiet")
+    with guest_cluster(tmp_path_factory, "mig", nodes=2, args=["--hostdisk-dir", str(shared)],
+                       disk_images=[TESTGUEST_IMAGE]) as c:
         yield c
-    finally:
-        p.stop()
-        c.kill_leftover_qemus()
 
 
 @pytest.fixture
@@ -223,10 +208,13 @@ def slow_policy(cluster: Cluster, name: str, label: str, bandwidth: str = "4Mi",
     assert resp.status_code == 201, resp.text
 
 
-def start_labelled(cluster: Cluster, ns: str, name: str, label: str) -> dict[str, Any]:
+def start_labelled(cluster: Cluster, ns: str, name: str, label: str,
+                   user_data: str = USER_DATA) -> dict[str, Any]:
+    """A VMI labelled ``mig=<label>`` (for a policy), booted and counting, LiveMigratable."""
+    spec = migratable_spec(disk=False)
+    spec["volumes"][0]["cloudInitNoCloud"]["userData"] = user_data
     cluster.create(ns, {"apiVersion": "kubevirt.io/v1", "kind": "VirtualMachineInstance",
-                        "metadata": {"name": name, "labels": {"mig": label}},
-                        "spec": migratable_spec(disk=False)})
+                        "metadata": {"name": name, "labels": {"mig": label}}, "spec": spec})
     vmi = cluster.wait_vmi_phase(ns, name, "Running", timeout=120)
     console = cluster.console(ns, name)
     try:
@@ -376,26 +364,11 @@ DIRTY_DATA = ("#!/bin/sh\ndd if=/dev/urandom of=/tmp/src bs=65536 count=256 2>/d
               "(i=0; while :; do echo \"COUNTER $i\"; i=$((i+1)); sleep 0.5; done) &\n")
 
 
-def start_dirtying(cluster: Cluster, ns: str, name: str, label: str) -> dict[str, Any]:
-    spec = migratable_spec(disk=False)
-    spec["volumes"][0]["cloudInitNoCloud"]["userData"] = DIRTY_DATA
-    cluster.create(ns, {"apiVersion": "kubevirt.io/v1", "kind": "VirtualMachineInstance",
-                        "metadata": {"name": name, "labels": {"mig": label}}, "spec": spec})
-    vmi = cluster.wait_vmi_phase(ns, name, "Running", timeout=120)
-    console = cluster.console(ns, name)
-    try:
-        console.read_until("COUNTER 2", 120)
-    finally:
-        console.close()
-    wait_migratable(cluster, ns, name)
-    return vmi
-
-
 def test_policy_post_copy_reaches_qemu(cluster: Cluster, ns: str) -> None:
     # pre-copy at 4 MiB/s cannot finish within 1 s; the policy allows post-copy, so the source
     # switches to it (QEMU's postcopy-ram on both sides) and the migration completes
     slow_policy(cluster, f"pc-{ns}", ns, completionTimeoutPerGiB=1, allowPostCopy=True)
-    vmi = start_dirtying(cluster, ns, "postcopy", ns)
+    vmi = start_labelled(cluster, ns, "postcopy", ns, DIRTY_DATA)
     create_migration(cluster, ns, "pc-job", "postcopy")
     vmim = wait_migration(cluster, ns, "pc-job", ("Succeeded", "Failed"), 120)
     state = cluster.vmi(ns, "postcopy")["status"]["migrationState"]  # type: ignore[index]
@@ -410,7 +383,7 @@ def test_policy_auto_converge_throttles_the_guest(cluster: Cluster, ns: str) -> 
     # the guest rewrites 16 MiB faster than 8 MiB/s can carry it: without help this never
     # converges; with allowAutoConverge QEMU throttles the guest's CPU
     slow_policy(cluster, f"ac-{ns}", ns, allowAutoConverge=True, bandwidthPerMigration="8Mi")
-    start_dirtying(cluster, ns, "converge", ns)
+    start_labelled(cluster, ns, "converge", ns, DIRTY_DATA)
     create_migration(cluster, ns, "ac-job", "converge")
     seen: list[dict[str, Any]] = []
 

@@ -9,11 +9,8 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import Kubectl
 from tests.e2e.test_vm_lifecycle import kernel_vm
-from tests.e2e.vmtools import KERNEL_IMAGE, Cluster, wait_for
-from virtshift.testing.guest import GuestImages
-from virtshift.testing.platform import PlatformProcess
+from tests.e2e.vmtools import Cluster, guest_cluster, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -22,20 +19,10 @@ NS = "storage"
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    images = GuestImages.locate()
-    p = PlatformProcess(tmp_path_factory.mktemp("pvc"), args=["--nodes", "1", "--accel", "tcg"],
-                        env={"VIRTSHIFT_NODE_HEARTBEAT_SECONDS": "2"})
-    p.start()
-    c = Cluster(p, Kubectl(p.kubeconfig, tmp_path_factory.mktemp("kubectl-cache")))
-    try:
-        wait_for(lambda: c.request("GET", "/api/v1/nodes/node01").ok, "node01 to register", 60)
-        c.cli("image", "import", KERNEL_IMAGE, "--kernel", str(images.vmlinux), "--initrd",
-              str(images.initrd), "--cmdline", "console=ttyS0 quiet")
+    with guest_cluster(tmp_path_factory, "pvc",
+                       env={"VIRTSHIFT_NODE_HEARTBEAT_SECONDS": "2"}) as c:
         c.kubectl.run("create", "namespace", NS)
         yield c
-    finally:
-        p.stop()
-        c.kill_leftover_qemus()
 
 
 def pvc_vm(name: str) -> dict[str, Any]:

@@ -17,36 +17,24 @@ import pytest
 import requests
 import yaml
 
-from tests.conftest import CORPUS, Kubectl
+from tests.conftest import CORPUS
 from tests.e2e.vmtools import (
     CIRROS_IMAGE,
     KERNEL_IMAGE,
     TESTGUEST_IMAGE,
     Cluster,
+    guest_cluster,
     wait_for,
 )
-from virtshift.testing.guest import GuestImages
-from virtshift.testing.platform import PlatformProcess
 
 pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    images = GuestImages.locate()
-    p = PlatformProcess(tmp_path_factory.mktemp("vms"), args=["--nodes", "1", "--accel", "tcg"])
-    p.start()
-    c = Cluster(p, Kubectl(p.kubeconfig, tmp_path_factory.mktemp("kubectl-cache")))
-    try:
-        wait_for(lambda: c.request("GET", "/api/v1/nodes/node01").ok, "node01 to register", 60)
-        c.cli("image", "import", CIRROS_IMAGE, str(images.disk))
-        c.cli("image", "import", TESTGUEST_IMAGE, str(images.disk))
-        c.cli("image", "import", KERNEL_IMAGE, "--kernel", str(images.vmlinux), "--initrd",
-              str(images.initrd), "--cmdline", "console=ttyS0 quiet")
+    with guest_cluster(tmp_path_factory, "vms",
+                       disk_images=[CIRROS_IMAGE, TESTGUEST_IMAGE]) as c:
         yield c
-    finally:
-        p.stop()
-        c.kill_leftover_qemus()
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ import ssl
 import subprocess
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -22,6 +22,7 @@ import requests
 import websocket
 
 from tests.conftest import REPO, Kubectl
+from virtshift.testing.guest import GuestImages
 from virtshift.testing.platform import PlatformProcess
 
 VIRTSHIFT = REPO / ".venv" / "bin" / "virtshift"
@@ -207,6 +208,33 @@ class Cluster:
                 os.kill(pid, signal.SIGKILL)
         self.platform.remove_node_network()
 
+
+
+@contextlib.contextmanager
+def guest_cluster(tmp: Any, name: str, *, nodes: int = 1, args: Sequence[str] = (),
+                  env: Mapping[str, str] | None = None,
+                  disk_images: Sequence[str] = ()) -> Iterator[Cluster]:
+    """A platform (TCG) with ``nodes`` registered nodes and the test guest imported: its kernel
+    as :data:`KERNEL_IMAGE`, its disk under each name of ``disk_images``. ``tmp`` is pytest's
+    TempPathFactory. Stops the platform and any QEMU left behind on exit."""
+    images = GuestImages.locate()
+    p = PlatformProcess(tmp.mktemp(name), args=["--nodes", str(nodes), "--accel", "tcg", *args],
+                        env=dict(env or {}))
+    p.start()
+    c = Cluster(p, Kubectl(p.kubeconfig, tmp.mktemp("kubectl-cache")))
+    try:
+        for i in range(1, nodes + 1):
+            node = f"node{i:02d}"
+            wait_for(lambda node=node: c.request("GET", f"/api/v1/nodes/{node}").ok,  # type: ignore[misc]
+                     f"{node} to register", 90)
+        for image in disk_images:
+            c.cli("image", "import", image, str(images.disk))
+        c.cli("image", "import", KERNEL_IMAGE, "--kernel", str(images.vmlinux), "--initrd",
+              str(images.initrd), "--cmdline", "console=ttyS0 quiet")
+        yield c
+    finally:
+        p.stop()
+        c.kill_leftover_qemus()
 
 class VMIRecorder:
     """(uid, phase, reason) of every watch event of one VMI, from a background thread."""

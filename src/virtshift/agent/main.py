@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import datetime
 import logging
-import math
 import os
 import shutil
 import signal
@@ -26,6 +25,7 @@ from virtshift.aio import stop_tasks
 from virtshift.api.kinds import REGISTRY, KindInfo
 from virtshift.client import kubeconfig
 from virtshift.client.rest import Client
+from virtshift.envsettings import positive_seconds
 from virtshift.errors import AlreadyExists, ApiError, VirtshiftError
 from virtshift.storage.imagecache import ImageCache
 
@@ -39,16 +39,7 @@ def heartbeat_seconds(env: Mapping[str, str]) -> float:
     """The heartbeat interval: ``VIRTSHIFT_NODE_HEARTBEAT_SECONDS`` (a positive number of
     seconds), else :data:`HEARTBEAT_SECONDS`. The controller checks that its node monitor grace
     period exceeds it."""
-    raw = env.get(HEARTBEAT_ENV, "").strip()
-    if not raw:
-        return HEARTBEAT_SECONDS
-    try:
-        value = float(raw)
-    except ValueError:
-        raise AgentError(f"{HEARTBEAT_ENV}={raw!r}: not a number of seconds") from None
-    if not math.isfinite(value) or value <= 0:
-        raise AgentError(f"{HEARTBEAT_ENV}={raw!r}: must be a positive number of seconds")
-    return value
+    return positive_seconds(env, HEARTBEAT_ENV, HEARTBEAT_SECONDS, AgentError)
 
 
 class AgentError(VirtshiftError):

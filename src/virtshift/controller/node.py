@@ -25,7 +25,6 @@ Timings come from the environment (:func:`timings_from_env`).
 from __future__ import annotations
 
 import datetime
-import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -44,6 +43,7 @@ from virtshift.controller.vmi import (
     rfc3339,
     status_of,
 )
+from virtshift.envsettings import positive_seconds
 from virtshift.errors import VirtshiftError
 
 HEARTBEAT_ANNOTATION = "kubevirt.io/heartbeat"
@@ -76,27 +76,13 @@ class NodeTimings:
     """How long a node stays NotReady before its VMIs are failed."""
 
 
-def positive_seconds(env: Mapping[str, str], name: str, default: float) -> float:
-    """``env[name]`` as a positive finite number of seconds, ``default`` when unset."""
-    raw = env.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise NodeConfigError(f"{name}={raw!r}: not a number of seconds") from None
-    if not math.isfinite(value) or value <= 0:
-        raise NodeConfigError(f"{name}={raw!r}: must be a positive number of seconds")
-    return value
-
-
 def timings_from_env(env: Mapping[str, str]) -> NodeTimings:
     """The node timings from ``VIRTSHIFT_NODE_HEARTBEAT_SECONDS`` (10),
     ``VIRTSHIFT_NODE_MONITOR_GRACE_SECONDS`` (40) and ``VIRTSHIFT_NODE_FAILOVER_SECONDS`` (60);
     the grace period must exceed the heartbeat interval."""
-    t = NodeTimings(positive_seconds(env, ENV_HEARTBEAT, DEFAULT_HEARTBEAT),
-                    positive_seconds(env, ENV_GRACE, DEFAULT_GRACE),
-                    positive_seconds(env, ENV_FAILOVER, DEFAULT_FAILOVER))
+    t = NodeTimings(positive_seconds(env, ENV_HEARTBEAT, DEFAULT_HEARTBEAT, NodeConfigError),
+                    positive_seconds(env, ENV_GRACE, DEFAULT_GRACE, NodeConfigError),
+                    positive_seconds(env, ENV_FAILOVER, DEFAULT_FAILOVER, NodeConfigError))
     if t.grace <= t.heartbeat:
         raise NodeConfigError(
             f"{ENV_GRACE}={t.grace:g} must exceed the heartbeat interval "
