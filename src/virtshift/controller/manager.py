@@ -14,11 +14,12 @@ exponential backoff (0.1s doubling up to 30s); anything else is a bug and stops 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import logging
 import random
 import signal
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -176,6 +177,22 @@ class WorkQueue:
 
 
 TRANSIENT = (ApiError, aiohttp.ClientError, OSError, TimeoutError)
+
+
+async def remove_finalizers(client: Client, kind: KindInfo, cache: ObjectCache, obj: Obj,
+                            finalizers: Collection[str]) -> Obj | None:
+    """Remove ``finalizers`` from ``obj`` (the write pinned to its resourceVersion) and keep
+    ``cache`` up to date; None when that was the last finalizer of an object being deleted
+    (it is gone). NotFound propagates."""
+    ns, name = key_of(obj)
+    fins = [f for f in as_list(meta(obj).get("finalizers")) if f not in finalizers]
+    out = await client.patch(kind, ns or None, name, {"metadata": {
+        "finalizers": fins or None, "resourceVersion": meta(obj).get("resourceVersion")}})
+    if is_deleting(out) and not fins:
+        cache.forget(out)
+        return None
+    cache.put(out)
+    return out
 
 
 async def run_reflectors(client: Client, kinds: Sequence[KindInfo],
@@ -340,13 +357,11 @@ class VMIController:
                                         NODE_NAME_LABEL, e)
                         continue
                 else:
-                    fins = [f for f in as_list(meta(current).get("finalizers"))
-                            if f not in action.finalizers]
-                    patch = {"metadata": {"finalizers": fins or None, "resourceVersion": rv}}
-                    current = await self.client.patch(self.vmi_kind, ns, name, patch)
-                    if is_deleting(current) and not fins:
-                        self.vmis.forget(current)  # the last finalizer went: it is gone
-                        return
+                    out = await remove_finalizers(self.client, self.vmi_kind, self.vmis,
+                                                  current, action.finalizers)
+                    if out is None:
+                        return  # the last finalizer went: it is gone
+                    current = out
             except NotFound:
                 return
             self.vmis.put(current)
@@ -505,18 +520,9 @@ class VMController:
                 held = self.vmis.get((ns, action.name))  # as our own writes left it
                 if held is None:
                     continue
-                fins = [f for f in as_list(meta(held).get("finalizers"))
-                        if f != VM_CONTROLLER_FINALIZER]
-                patch = {"metadata": {"finalizers": fins or None,
-                                      "resourceVersion": meta(held).get("resourceVersion")}}
-                try:
-                    out = await self.client.patch(self.vmi_kind, ns, action.name, patch)
-                except NotFound:
-                    continue
-                if is_deleting(out) and not fins:
-                    self.vmis.forget(out)
-                else:
-                    self.vmis.put(out)
+                with contextlib.suppress(NotFound):
+                    await remove_finalizers(self.client, self.vmi_kind, self.vmis, held,
+                                            (VM_CONTROLLER_FINALIZER,))
 
 
 # ---- the process -----------------------------------------------------------------------------

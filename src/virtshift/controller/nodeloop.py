@@ -25,7 +25,13 @@ from virtshift.controller.evacuation import (
     EvacuationPlan,
     plan_evacuation,
 )
-from virtshift.controller.manager import ObjectCache, WorkQueue, run_reflectors, serve
+from virtshift.controller.manager import (
+    ObjectCache,
+    WorkQueue,
+    remove_finalizers,
+    run_reflectors,
+    serve,
+)
 from virtshift.controller.node import (
     NODE_AGENT_FINALIZER,
     REASON_NODE_UNRESPONSIVE,
@@ -39,7 +45,7 @@ from virtshift.controller.node import (
     reconcile_node,
     timings_from_env,
 )
-from virtshift.controller.vmi import Key, as_list, is_deleting, key_of, meta, status_of
+from virtshift.controller.vmi import Key, key_of, meta, status_of
 from virtshift.errors import BadRequest, Forbidden, Invalid, NotFound
 
 log = logging.getLogger(__name__)
@@ -162,15 +168,11 @@ class NodeController:
                 # The finalizer goes first: until the VMI is Failed nobody else writes it, so
                 # the two writes do not race the VM controller's reaction to the failure.
                 if action.drop_finalizer:
-                    fins = [f for f in as_list(meta(vmi).get("finalizers"))
-                            if f != NODE_AGENT_FINALIZER]
-                    vmi = await self.client.patch(self.vmi_kind, ns, name, {"metadata": {
-                        "finalizers": fins or None,
-                        "resourceVersion": meta(vmi).get("resourceVersion")}})
-                    if is_deleting(vmi) and not fins:
-                        self.vmis.forget(vmi)
+                    out = await remove_finalizers(self.client, self.vmi_kind, self.vmis, vmi,
+                                                  (NODE_AGENT_FINALIZER,))
+                    if out is None:
                         continue
-                    self.vmis.put(vmi)
+                    vmi = out
                 if action.status is not None:
                     vmi = await self.client.update(self.vmi_kind, ns,
                                                    {**vmi, "status": action.status},
