@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from virtshift.api import cdi
 from virtshift.api.admission import quantity
 from virtshift.api.kinds import REGISTRY, Obj
 from virtshift.client.rest import Client
@@ -252,6 +253,10 @@ class DiskPreparer:
         volume = str(_dict(pvc.get("spec")).get("volumeName") or "")
         if _dict(pvc.get("status")).get("phase") != "Bound" or not volume:
             raise DiskError(f'volume {vname}: persistentvolumeclaim "{claim}" is not bound',
+                            reason=REASON_FAILED_MOUNT)
+        if not cdi.populated(pvc):
+            raise DiskError(f'volume {vname}: persistentvolumeclaim "{claim}" is still being '
+                            f"populated ({cdi.pod_phase(pvc) or cdi.POD_PENDING})",
                             reason=REASON_FAILED_MOUNT)
         try:
             pv = await self.client.get(REGISTRY.require("", "v1", "PersistentVolume"), None,

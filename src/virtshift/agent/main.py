@@ -20,6 +20,7 @@ from aiohttp import web
 from virtshift.agent.disks import DiskPreparer
 from virtshift.agent.endpoints import AgentEndpoints
 from virtshift.agent.node import NodeFacts, node_object, node_status, rfc3339
+from virtshift.agent.populate import Populator
 from virtshift.agent.vmis import VMISync
 from virtshift.aio import stop_tasks
 from virtshift.api.kinds import REGISTRY, KindInfo
@@ -87,6 +88,15 @@ def qemu_version() -> str:
     return first.rsplit("version", 1)[-1].split()[0] if "version" in first else "unknown"
 
 
+def storage_free(data_dir: Path) -> int:
+    """Bytes available to volumes on the filesystem of the node's storage root (-1: unknown)."""
+    try:
+        st = os.statvfs(data_dir)
+    except OSError:
+        return -1
+    return st.f_bavail * st.f_frsize
+
+
 class NodeAgent:
     def __init__(self, config: AgentConfig) -> None:
         self.config = config
@@ -94,6 +104,7 @@ class NodeAgent:
                              user_agent=f"virtshift-agent/{config.node_name}")
         self.node_kind: KindInfo = REGISTRY.require("", "v1", "Node")
         self.accel = detect_accel(config.accel)
+        self.qemu_version = qemu_version()
         self.heartbeat_seconds = heartbeat_seconds(os.environ)
         self.ready_since: str | None = None
         self.port = 0
@@ -104,6 +115,9 @@ class NodeAgent:
                                 storage_root=config.data_dir / "storage",
                                 node_name=config.node_name)
         self.preparer = preparer
+        self.populator = Populator(self.client, node_name=config.node_name,
+                                   storage_root=config.data_dir / "storage",
+                                   work_dir=config.data_dir / "populate")
         self.vmis = VMISync(self.client, node=config.node_name, address=config.address,
                             data_dir=config.data_dir, accel=self.accel, preparer=preparer)
         self.http = web.Application()
@@ -120,8 +134,9 @@ class NodeAgent:
             cpus=os.cpu_count() or 1,
             memory_ki=NodeFacts.memory_total_ki(),
             accel=self.accel,
-            qemu_version=qemu_version(),
+            qemu_version=self.qemu_version,
             storage_root=str(self.config.data_dir / "storage"),
+            storage_free=storage_free(self.config.data_dir),
         )
 
     async def register(self) -> None:
@@ -145,11 +160,10 @@ class NodeAgent:
                                 subresource="status")
 
     async def _heartbeats(self) -> None:
-        facts = self.facts()
         while True:
             await asyncio.sleep(self.heartbeat_seconds)
             try:
-                await self.heartbeat(facts)
+                await self.heartbeat(self.facts())
                 for gone in await self.preparer.remove_orphans():
                     log.info("removed %s: its persistent volume was deleted", gone)
             except (ApiError, OSError) as e:
@@ -177,6 +191,7 @@ class NodeAgent:
                      self.accel, self.config.address, self.port)
             self._tasks.append(asyncio.create_task(self._heartbeats(), name="heartbeats"))
             self._tasks.append(asyncio.create_task(self.vmis.run(), name="vmis"))
+            self._tasks.append(asyncio.create_task(self.populator.run(), name="populator"))
             waiter = asyncio.create_task(stop.wait())
             done, _ = await asyncio.wait([waiter, *self._tasks],
                                          return_when=asyncio.FIRST_COMPLETED)

@@ -16,6 +16,8 @@ HEARTBEAT_ANNOTATION = "kubevirt.io/heartbeat"
 SCHEDULABLE_LABEL = "kubevirt.io/schedulable"
 # Where this node keeps persistent volumes (the hostpath provisioner's directory per volume).
 STORAGE_ROOT_ANNOTATION = "virtshift.io/storage-root"
+# Bytes free for new volumes on the storage root's filesystem (the provisioner's capacity check).
+STORAGE_FREE_ANNOTATION = "virtshift.io/storage-available"
 # Memory kept back from VMs for the host, QEMU overhead and the agent itself.
 RESERVED_MEMORY_KI = 1024 * 1024
 
@@ -30,6 +32,7 @@ class NodeFacts:
     accel: str
     qemu_version: str
     storage_root: str = ""
+    storage_free: int = -1
 
     @staticmethod
     def memory_total_ki() -> int:
@@ -97,7 +100,9 @@ def node_object(facts: NodeFacts, now: datetime.datetime) -> Obj:
             "name": facts.name,
             "labels": node_labels(facts),
             "annotations": {HEARTBEAT_ANNOTATION: rfc3339(now), **(
-                {STORAGE_ROOT_ANNOTATION: facts.storage_root} if facts.storage_root else {})},
+                {STORAGE_ROOT_ANNOTATION: facts.storage_root} if facts.storage_root else {}), **(
+                {STORAGE_FREE_ANNOTATION: str(facts.storage_free)}
+                if facts.storage_root and facts.storage_free >= 0 else {})},
         },
         "spec": {},
     }

@@ -531,6 +531,7 @@ class VMController:
 async def run_controllers(client: Client, registry: Registry) -> None:
     """Run the garbage collector, the VM controller and the VMI controller (with its scheduler)
     until cancelled. If one of them fails, the others are stopped and its error is raised."""
+    from virtshift.controller.datavolumeloop import DataVolumeController
     from virtshift.controller.migrationloop import MigrationController  # they import this
     from virtshift.controller.nodeloop import NodeController
     from virtshift.controller.storageloop import StorageController
@@ -543,6 +544,7 @@ async def run_controllers(client: Client, registry: Registry) -> None:
         asyncio.create_task(VMController(client, registry).run(), name="vm-controller"),
         asyncio.create_task(VMIController(client, registry).run(), name="vmi-controller"),
         asyncio.create_task(StorageController(client, registry).run(), name="storage"),
+        asyncio.create_task(DataVolumeController(client, registry).run(), name="datavolume"),
     ]
     try:
         done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)

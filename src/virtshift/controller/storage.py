@@ -28,6 +28,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from virtshift.api import cdi
 from virtshift.api.admission import quantity
 from virtshift.api.kinds import Obj
 from virtshift.controller.scheduler import node_ready_status, place
@@ -44,6 +45,7 @@ ANN_PROVISIONED_BY = "pv.kubernetes.io/provisioned-by"
 ANN_BIND_COMPLETED = "pv.kubernetes.io/bind-completed"
 ANN_BOUND_BY_CONTROLLER = "pv.kubernetes.io/bound-by-controller"
 ANN_STORAGE_ROOT = "virtshift.io/storage-root"
+ANN_STORAGE_AVAILABLE = "virtshift.io/storage-available"
 HOSTNAME_LABEL = "kubernetes.io/hostname"
 
 
@@ -165,7 +167,17 @@ class DeletePV:
     name: str
 
 
-StorageAction = CreateStorageClass | PatchPVC | SetPVCStatus | CreatePV | SetPVPhase | DeletePV
+@dataclass(frozen=True)
+class ProvisioningFailed:
+    """A Warning Event ``ProvisioningFailed`` on the claim (recorded once per message)."""
+
+    namespace: str
+    name: str
+    message: str
+
+
+StorageAction = (CreateStorageClass | PatchPVC | SetPVCStatus | CreatePV | SetPVPhase | DeletePV
+                 | ProvisioningFailed)
 
 
 # ---- decisions -------------------------------------------------------------------------------
@@ -190,12 +202,30 @@ def provisioned_bytes(pvs: Iterable[Mapping[str, Any]]) -> dict[str, int]:
     return out
 
 
-def pick_node(nodes: Sequence[Mapping[str, Any]], pvs: Iterable[Mapping[str, Any]]) -> str:
-    """For ``Immediate`` claims: the ready node with a storage root and the fewest bytes
-    provisioned (ties to the first name); "" when there is none."""
+def storage_available(node: Mapping[str, Any]) -> int | None:
+    """Bytes the node's storage root can still take (its agent's report), None if unknown."""
+    value = _dict(_meta(node).get("annotations")).get(ANN_STORAGE_AVAILABLE)
+    try:
+        return int(str(value)) if value is not None else None
+    except ValueError:
+        return None
+
+
+def insufficient_message(size: int, nodes: Sequence[Mapping[str, Any]]) -> str:
+    free = ", ".join(f"{_name(n)} has {storage_available(n)}" for n in nodes
+                     if storage_available(n) is not None)
+    return (f"insufficient storage: the claim requests {size} bytes, more than any node can "
+            f"hold ({free or 'no node reports its free space'} bytes available)")
+
+
+def pick_node(nodes: Sequence[Mapping[str, Any]], pvs: Iterable[Mapping[str, Any]],
+              size: int = 0) -> str:
+    """For ``Immediate`` claims: the ready node with a storage root that can hold ``size``
+    bytes and has the fewest bytes provisioned (ties to the first name); "" when none."""
     used = provisioned_bytes(pvs)
     names = [_name(n) for n in nodes if storage_root(n) and node_ready_status(n) == "True"
-             and _dict(n.get("spec")).get("unschedulable") is not True]
+             and _dict(n.get("spec")).get("unschedulable") is not True
+             and (storage_available(n) is None or size <= (storage_available(n) or 0))]
     if not names:
         return ""
     return min(names, key=lambda n: (used.get(n, 0), n))
@@ -272,20 +302,32 @@ def reconcile_claim(pvc: Mapping[str, Any], classes: Sequence[Mapping[str, Any]]
             "metadata": {"annotations": {ANN_BIND_COMPLETED: "yes",
                                          ANN_BOUND_BY_CONTROLLER: "yes"}},
             "spec": {"volumeName": pv_name(pvc)}})]
-    if sc.get("volumeBindingMode") == "WaitForFirstConsumer":
+    request = _dict(_dict(spec.get("resources")).get("requests")).get("storage")
+    size = _bytes(request)
+    if not size:
+        return out
+    source = cdi.populate_source(pvc)
+    if source is not None and source.node:
+        node = source.node  # a clone or a restore lands where its data is
+    elif (sc.get("volumeBindingMode") == "WaitForFirstConsumer"
+          and annotations.get(cdi.ANN_BIND_IMMEDIATE) != "true"):
         node = str(annotations.get(ANN_SELECTED_NODE) or "")
         if not node:
             return out
     else:
-        node = pick_node(nodes, pvs.values())
+        node = pick_node(nodes, pvs.values(), size)
         if not node:
+            fits = [n for n in nodes if storage_root(n)]
+            if fits:  # nodes exist, none can hold it
+                out.append(ProvisioningFailed(ns, name, insufficient_message(size, fits)))
             return out
     target = next((n for n in nodes if _name(n) == node), None)
     root = storage_root(target) if target is not None else ""
-    if not root:
+    if not root or target is None:
         return out  # the node has not published its storage root (yet)
-    request = _dict(_dict(spec.get("resources")).get("requests")).get("storage")
-    if not _bytes(request):
+    free = storage_available(target)
+    if free is not None and size > free:
+        out.append(ProvisioningFailed(ns, name, insufficient_message(size, [target])))
         return out
     if annotations.get(ANN_STORAGE_PROVISIONER) != PROVISIONER:
         out.append(PatchPVC(ns, name, {"metadata": {"annotations": {

@@ -21,6 +21,7 @@ from virtshift.controller.storage import (
     CreateStorageClass,
     DeletePV,
     PatchPVC,
+    ProvisioningFailed,
     SetPVCStatus,
     SetPVPhase,
     StorageAction,
@@ -52,6 +53,7 @@ class StorageController:
         self.caches = {k.plural: ObjectCache() for k in self.kinds}
         self.queue = WorkQueue()
         self.synced = asyncio.Event()
+        self._failures: dict[tuple[str, str], str] = {}  # claim -> last ProvisioningFailed
 
     def _on_event(self, event: str, kind: KindInfo, obj: Obj) -> None:
         self.caches[kind.plural].apply(event, obj)
@@ -121,6 +123,14 @@ class StorageController:
                 pvs.put(await self.client.patch(self.pv_kind, None, action.name,
                                                 {"status": {"phase": action.phase}},
                                                 subresource="status"))
+            elif isinstance(action, ProvisioningFailed):
+                key = (action.namespace, action.name)
+                claim = pvcs.get(key)
+                if claim is not None and self._failures.get(key) != action.message:
+                    self._failures[key] = action.message
+                    log.warning("PVC %s/%s: %s", *key, action.message)
+                    await events.record(self.client, claim, self.pvc_kind, events.WARNING,
+                                        "ProvisioningFailed", action.message)
             elif isinstance(action, DeletePV):
                 held = pvs.get(("", action.name))
                 await self.client.delete(self.pv_kind, None, action.name)

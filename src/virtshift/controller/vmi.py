@@ -29,6 +29,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from virtshift.api import cdi
 from virtshift.api.kinds import Obj
 from virtshift.controller.scheduler import Placement, place
 from virtshift.controller.storage import volume_node
@@ -200,8 +201,8 @@ def volumes_ready(vmi: Mapping[str, Any], pvcs: Mapping[Key, Obj],
             continue
         if (ns, name) not in pvcs:
             return False, f"PVC {ns}/{name} does not exist, waiting for it to appear"
-        if phase(pvcs[(ns, name)]) != "Bound":
-            ready = False  # the storage controller binds it (selected-node for WFFC)
+        if phase(pvcs[(ns, name)]) != "Bound" or not cdi.populated(pvcs[(ns, name)]):
+            ready = False  # bound by the storage controller, filled by the node's populator
         dv = datavolumes.get((ns, name))
         if dv is not None and phase(dv) not in ("Succeeded", "WaitForFirstConsumer",
                                                  "PendingPopulation"):

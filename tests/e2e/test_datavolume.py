@@ -1,0 +1,230 @@
+"""CDI DataVolumes end to end (TCG): imports over HTTP from a server the test runs (qcow2 and
+raw.xz), blank and clone volumes, a VM with ``dataVolumeTemplates`` (the corpus's
+vm-alpine-datavolume.yaml with an http source) booting the imported test guest, and bad input
+ending in a clear phase and reason."""
+
+from __future__ import annotations
+
+import hashlib
+import http.server
+import json
+import lzma
+import subprocess
+import threading
+from collections.abc import Iterator
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.conftest import REPO
+from tests.e2e.vmtools import Cluster, guest_cluster, wait_for
+from virtshift.testing.guest import GuestImages
+
+pytestmark = pytest.mark.e2e
+
+NS = "dv"
+CORPUS = REPO.parent / "shared" / "reference" / "kubevirt-examples"
+DVS = f"/apis/cdi.kubevirt.io/v1beta1/namespaces/{NS}/datavolumes"
+
+
+class Server:
+    """A threaded HTTP server on 127.0.0.1 serving ``root`` (a real socket, a real server)."""
+
+    def __init__(self, root: Path) -> None:
+        handler = partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
+        handler.log_message = lambda *a, **k: None  # type: ignore[attr-defined,method-assign]
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def url(self, name: str) -> str:
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}/{name}"
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Server, Path]]:
+    root = tmp_path_factory.mktemp("http-root")
+    guest = GuestImages.locate().disk
+    (root / "guest.qcow2").write_bytes(guest.read_bytes())
+    subprocess.run(["qemu-img", "convert", "-O", "raw", str(guest), str(root / "guest.raw")],
+                   check=True)
+    (root / "guest.raw.xz").write_bytes(
+        lzma.compress((root / "guest.raw").read_bytes(), preset=1))
+    (root / "index.html").write_text("<html><body>" + "not a disk " * 100 + "</body></html>")
+    server = Server(root)
+    try:
+        yield server, root
+    finally:
+        server.close()
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    with guest_cluster(tmp_path_factory, "dv",
+                       env={"VIRTSHIFT_NODE_HEARTBEAT_SECONDS": "2"}) as c:
+        c.kubectl.run("create", "namespace", NS)
+        yield c
+
+
+def datavolume(name: str, source: dict[str, Any], size: str = "128Mi",
+               annotations: dict[str, str] | None = None) -> dict[str, Any]:
+    return {"apiVersion": "cdi.kubevirt.io/v1beta1", "kind": "DataVolume",
+            "metadata": {"name": name, "annotations": dict(annotations or {})},
+            "spec": {"source": source,
+                     "storage": {"resources": {"requests": {"storage": size}}}}}
+
+
+def create_dv(cluster: Cluster, obj: dict[str, Any]) -> None:
+    r = cluster.request("POST", DVS, obj)
+    assert r.status_code == 201, r.text
+
+
+def dv_of(cluster: Cluster, name: str) -> dict[str, Any]:
+    r = cluster.request("GET", f"{DVS}/{name}")
+    assert r.ok, r.text
+    out: dict[str, Any] = r.json()
+    return out
+
+
+def wait_dv(cluster: Cluster, name: str, phase: str, timeout: float = 90) -> dict[str, Any]:
+    def check() -> dict[str, Any] | None:
+        dv = dv_of(cluster, name)
+        return dv if (dv.get("status") or {}).get("phase") == phase else None
+    try:
+        return wait_for(check, f"DataVolume {name} phase {phase}", timeout)
+    except AssertionError as e:
+        raise AssertionError(f"{e}\n{json.dumps(dv_of(cluster, name), indent=1)}\n"
+                             f"log tail:\n{cluster.platform.log_text()[-3000:]}") from None
+
+
+def volume_image(cluster: Cluster, claim: str) -> Path:
+    pvc = cluster.request("GET", f"/api/v1/namespaces/{NS}/persistentvolumeclaims/{claim}")
+    pv = cluster.request("GET", f"/api/v1/persistentvolumes/{pvc.json()['spec']['volumeName']}")
+    return Path(pv.json()["spec"]["hostPath"]["path"]) / "disk.img"
+
+
+def sha(path: Path, size: int) -> str:
+    with path.open("rb") as f:
+        return hashlib.sha256(f.read(size)).hexdigest()
+
+
+def condition(dv: dict[str, Any], ctype: str) -> dict[str, Any]:
+    out: dict[str, Any] = next(c for c in dv["status"]["conditions"] if c["type"] == ctype)
+    return out
+
+
+def events_for(cluster: Cluster, name: str) -> list[dict[str, Any]]:
+    r = cluster.request("GET", f"/api/v1/namespaces/{NS}/events")
+    return [e for e in r.json()["items"] if e["involvedObject"]["name"] == name]
+
+
+IMMEDIATE = {"cdi.kubevirt.io/storage.bind.immediate.requested": "true"}
+
+
+def test_http_imports_qcow2_and_raw_xz_then_clones_and_blank(
+        cluster: Cluster, images: tuple[Server, Path]) -> None:
+    server, root = images
+    raw = root / "guest.raw"
+    size = raw.stat().st_size
+    create_dv(cluster, datavolume("qcow2", {"http": {"url": server.url("guest.qcow2")}},
+                                  annotations=IMMEDIATE))
+    create_dv(cluster, datavolume("rawxz", {"http": {"url": server.url("guest.raw.xz")}},
+                                  annotations=IMMEDIATE))
+    for name in ("qcow2", "rawxz"):
+        dv = wait_dv(cluster, name, "Succeeded")
+        assert dv["status"]["progress"] == "100.0%"
+        assert condition(dv, "Ready")["status"] == "True"
+        assert condition(dv, "Bound")["status"] == "True"
+        image = volume_image(cluster, name)
+        # the guest's bytes, converted to raw and grown to the claim's size
+        assert sha(image, size) == sha(raw, size)
+        assert image.stat().st_size == 128 * 2**20
+        assert any(e["reason"] == "ImportSucceeded" for e in events_for(cluster, name))
+    # kubectl shows CDI's columns
+    out = cluster.kubectl.run("get", "dv", "-n", NS, "qcow2").stdout
+    assert "Succeeded" in out and "100.0%" in out
+
+    create_dv(cluster, datavolume("copy", {"pvc": {"namespace": NS, "name": "qcow2"}}))
+    dv = wait_dv(cluster, "copy", "Succeeded")
+    assert sha(volume_image(cluster, "copy"), size) == sha(raw, size)
+    pvc = cluster.request("GET", f"/api/v1/namespaces/{NS}/persistentvolumeclaims/copy").json()
+    assert pvc["metadata"]["annotations"]["k8s.io/CloneRequest"] == f"{NS}/qcow2"
+    assert pvc["metadata"]["ownerReferences"][0]["kind"] == "DataVolume"
+
+    create_dv(cluster, datavolume("empty", {"blank": {}}, size="64Mi", annotations=IMMEDIATE))
+    wait_dv(cluster, "empty", "Succeeded")
+    image = volume_image(cluster, "empty")
+    assert image.stat().st_size == 64 * 2**20
+    assert image.stat().st_blocks * 512 < 2**20  # sparse
+
+    # deleting a DataVolume deletes its claim (owner reference) and then the volume
+    r = cluster.request("DELETE", f"{DVS}/empty")
+    assert r.ok, r.text
+    wait_for(lambda: not image.parent.exists(), "the blank volume's directory to go", 60)
+
+
+def test_vm_with_datavolume_template_boots_the_imported_guest(
+        cluster: Cluster, images: tuple[Server, Path]) -> None:
+    server, _ = images
+    vm = yaml.safe_load((CORPUS / "vm-alpine-datavolume.yaml").read_text())
+    template = vm["spec"]["dataVolumeTemplates"][0]
+    template["spec"]["source"] = {"http": {"url": server.url("guest.qcow2")}}
+    del template["spec"]["pvc"]["storageClassName"]  # the corpus names a class "local"
+    vm["spec"]["runStrategy"] = "Always"
+    r = cluster.request("POST", f"/apis/kubevirt.io/v1/namespaces/{NS}/virtualmachines", vm)
+    assert r.status_code == 201, r.text
+    name = vm["metadata"]["name"]
+    dv = wait_dv(cluster, "alpine-dv", "Succeeded", 120)
+    assert dv["metadata"]["ownerReferences"][0]["name"] == name
+    cluster.wait_printable(NS, name, "Running", 120)
+    console = cluster.console(NS, name)
+    try:
+        console.read_until("TESTGUEST-READY", 120)
+    finally:
+        console.close()
+    cluster.cli("stop", name, "-n", NS)
+    cluster.wait_printable(NS, name, "Stopped", 60)
+
+
+def test_bad_sources_end_in_a_clear_phase(cluster: Cluster,
+                                          images: tuple[Server, Path]) -> None:
+    server, _ = images
+    create_dv(cluster, datavolume("missing", {"http": {"url": server.url("nope.qcow2")}},
+                                  annotations=IMMEDIATE))
+    create_dv(cluster, datavolume("html", {"http": {"url": server.url("index.html")}},
+                                  annotations=IMMEDIATE))
+    create_dv(cluster, datavolume("small", {"http": {"url": server.url("guest.qcow2")}},
+                                  size="16Mi", annotations=IMMEDIATE))
+    for name, words in (("missing", ("404",)), ("html", ()), ("small", ())):
+        dv = wait_dv(cluster, name, "Failed", 60)
+        running = condition(dv, "Running")
+        assert running["status"] == "False" and running.get("reason"), running
+        for w in words:
+            assert w in running.get("message", ""), running
+        image = volume_image(cluster, name)
+        assert not image.exists(), "a failed import left a disk behind"
+        assert list(image.parent.iterdir()) == [], list(image.parent.iterdir())
+
+    # nothing answers: retried (restartCount grows), still in progress
+    create_dv(cluster, datavolume("refused", {"http": {"url": "http://127.0.0.1:9/x.img"}},
+                                  annotations=IMMEDIATE))
+    dv = wait_for(lambda: (d := dv_of(cluster, "refused")).get("status", {}).get(
+        "restartCount", 0) >= 1 and d, "restarts of an unreachable import", 60)
+    assert dv["status"]["phase"] == "ImportInProgress"
+    assert condition(dv, "Running")["status"] == "False"
+
+    # larger than any node can hold: the claim stays Pending with a ProvisioningFailed event
+    create_dv(cluster, datavolume("huge", {"blank": {}}, size="900Ti", annotations=IMMEDIATE))
+    event = wait_for(lambda: next((e for e in cluster.request(
+        "GET", f"/api/v1/namespaces/{NS}/events").json()["items"]
+        if e["involvedObject"]["name"] == "huge" and e["reason"] == "ProvisioningFailed"),
+        None), "a ProvisioningFailed event", 30)
+    assert "insufficient storage" in event["message"]
+    assert dv_of(cluster, "huge")["status"]["phase"] == "Pending"
