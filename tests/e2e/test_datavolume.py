@@ -228,3 +228,57 @@ def test_bad_sources_end_in_a_clear_phase(cluster: Cluster,
         None), "a ProvisioningFailed event", 30)
     assert "insufficient storage" in event["message"]
     assert dv_of(cluster, "huge")["status"]["phase"] == "Pending"
+
+
+def guest_output(cluster: Cluster, name: str, command: str, until: str) -> str:
+    console = cluster.console(NS, name)
+    try:
+        console.wait_prompt()
+        mark = len(console.text)
+        console.send(command + "\n")
+        return console.read_until(until, 30, start=mark)[mark:]
+    finally:
+        console.close()
+
+
+def test_a_claim_grows_online_and_offline_and_never_shrinks(cluster: Cluster) -> None:
+    from tests.e2e.test_vm_lifecycle import kernel_vm
+
+    create_dv(cluster, datavolume("grow", {"blank": {}}, size="64Mi"))
+    vm = kernel_vm("grower", "Always")
+    spec = vm["spec"]["template"]["spec"]
+    spec["volumes"] = [{"name": "data", "dataVolume": {"name": "grow"}}]
+    spec["domain"]["devices"]["disks"] = [{"name": "data", "disk": {"bus": "virtio"}}]
+    cluster.create(NS, vm)
+    cluster.wait_printable(NS, "grower", "Running", 120)
+    out = guest_output(cluster, "grower", "echo SIZE=$(cat /sys/block/vda/size)=", r"SIZE=\d+=")
+    assert "SIZE=131072" in out, out  # 64 MiB in 512-byte sectors
+
+    claim = f"/api/v1/namespaces/{NS}/persistentvolumeclaims/grow"
+
+    def request(size: str, check: bool = True) -> Any:
+        return cluster.kubectl.run("patch", "pvc", "grow", "-n", NS, "--type", "merge", "-p",
+                                   json.dumps({"spec": {"resources": {"requests": {
+                                       "storage": size}}}}), check=check)
+
+    shrink = request("32Mi", check=False)
+    assert shrink.returncode != 0
+    assert "spec.resources.requests.storage: Forbidden: field can not be less than " \
+        "status.capacity" in shrink.stderr, shrink.stderr
+
+    # online: the running guest sees the new size (QMP block_resize)
+    request("96Mi")
+    wait_for(lambda: cluster.request("GET", claim).json()["status"]["capacity"]["storage"]
+             == "96Mi", "the claim's capacity to grow", 60)
+    out = guest_output(cluster, "grower", "echo SIZE=$(cat /sys/block/vda/size)=", r"SIZE=\d+=")
+    assert "SIZE=196608" in out, out
+    image = volume_image(cluster, "grow")
+    assert image.stat().st_size == 96 * 2**20
+
+    # offline
+    cluster.cli("stop", "grower", "-n", NS)
+    cluster.wait_printable(NS, "grower", "Stopped", 60)
+    request("128Mi")
+    wait_for(lambda: image.stat().st_size == 128 * 2**20, "disk.img to grow offline", 60)
+    assert cluster.request("DELETE", f"/apis/kubevirt.io/v1/namespaces/{NS}/virtualmachines/"
+                                     "grower").ok

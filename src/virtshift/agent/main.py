@@ -115,11 +115,12 @@ class NodeAgent:
                                 storage_root=config.data_dir / "storage",
                                 node_name=config.node_name)
         self.preparer = preparer
-        self.populator = Populator(self.client, node_name=config.node_name,
-                                   storage_root=config.data_dir / "storage",
-                                   work_dir=config.data_dir / "populate")
         self.vmis = VMISync(self.client, node=config.node_name, address=config.address,
                             data_dir=config.data_dir, accel=self.accel, preparer=preparer)
+        self.populator = Populator(self.client, node_name=config.node_name,
+                                   storage_root=config.data_dir / "storage",
+                                   work_dir=config.data_dir / "populate",
+                                   online_resize=self.vmis.resize_disk)
         self.http = web.Application()
         token = (config.proxy_token_file.read_text().strip()
                  if config.proxy_token_file is not None else "")

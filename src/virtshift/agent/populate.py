@@ -16,6 +16,11 @@ PersistentVolume lies on this node and whose pod phase is not final gets one own
 
 A claim that goes away (or loses its source) cancels its task; the importer then removes its
 partial files. After an agent restart an unfinished population starts over.
+
+Expansion: when the storage controller has grown a bound volume's capacity beyond the claim's
+``status.capacity``, the agent grows ``disk.img`` (sparse) to the new size - through QEMU's
+``block_resize`` when a running VM has it open (``online_resize``), so the guest sees the new
+size at once - then writes the claim's ``status.capacity``.
 """
 
 from __future__ import annotations
@@ -24,9 +29,10 @@ import asyncio
 import base64
 import contextlib
 import logging
+import os
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -119,12 +125,30 @@ def wants_work(pvc: Mapping[str, Any], pv: Mapping[str, Any] | None, node: str) 
     return True
 
 
+def wants_expansion(pvc: Mapping[str, Any], pv: Mapping[str, Any], node: str) -> bool:
+    """A bound, populated claim whose volume grew beyond its ``status.capacity`` (pure)."""
+    from virtshift.agent.disks import pv_node
+
+    if _dict(pvc.get("status")).get("phase") != "Bound" or pv_node(pv) != node:
+        return False
+    if not cdi.populated(pvc):
+        return False
+    has = _dict(_dict(pvc.get("status")).get("capacity")).get("storage")
+    try:
+        return capacity_bytes(pv) > quantity.parse_value(has).value()
+    except (ValueError, TypeError):
+        return False
+
+
 class Populator:
     """Populates the claims bound to volumes of this node."""
 
     def __init__(self, client: Client, *, node_name: str, storage_root: Path,
-                 work_dir: Path) -> None:
+                 work_dir: Path,
+                 online_resize: Callable[[Path, int], Awaitable[bool]] | None = None) -> None:
         self.client = client
+        self.online_resize = online_resize
+        self.resizing: dict[Key, asyncio.Task[None]] = {}
         self.node = node_name
         self.storage_root = storage_root
         self.work_dir = work_dir
@@ -166,7 +190,7 @@ class Populator:
                     if t.done():
                         t.result()
         finally:
-            await stop_tasks([*watchers, *self.tasks.values()])
+            await stop_tasks([*watchers, *self.tasks.values(), *self.resizing.values()])
 
     def _claim_pv(self, pvc: Mapping[str, Any]) -> Obj | None:
         volume = str(_dict(pvc.get("spec")).get("volumeName") or "")
@@ -188,6 +212,36 @@ class Populator:
             if pv is not None and wants_work(pvc, pv, self.node):
                 self.tasks[key] = asyncio.create_task(self._populate(key),
                                                       name=f"populate-{key[0]}-{key[1]}")
+            elif (pv is not None and key not in self.resizing
+                  and wants_expansion(pvc, pv, self.node)):
+                self.resizing[key] = asyncio.create_task(self._expand(key, pv),
+                                                         name=f"expand-{key[0]}-{key[1]}")
+        for key, task in list(self.resizing.items()):
+            if task.done():
+                del self.resizing[key]
+
+    async def _expand(self, key: Key, pv: Obj) -> None:
+        ns, name = key
+        size = capacity_bytes(pv)
+        try:
+            image = volume_dir(pv, self.storage_root) / "disk.img"
+            how = "offline"
+            if await asyncio.to_thread(image.exists):
+                current = (await asyncio.to_thread(image.stat)).st_size
+                if current < size:
+                    if self.online_resize is not None and await self.online_resize(image, size):
+                        how = "online"
+                    else:
+                        await asyncio.to_thread(os.truncate, image, size)
+            capacity = _dict(_dict(pv.get("spec")).get("capacity")).get("storage")
+            await self.client.patch(self.pvc_kind, ns, name,
+                                    {"status": {"capacity": {"storage": capacity}}},
+                                    subresource="status")
+            log.info("expanded %s/%s to %s (%s)", ns, name, capacity, how)
+        except (ApiError, OSError, VirtshiftError) as e:
+            log.warning("expansion of %s/%s: %s", ns, name, e)
+            await asyncio.sleep(2)
+            self._wake.set()
 
     async def _populate(self, key: Key) -> None:
         ns, name = key

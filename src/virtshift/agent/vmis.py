@@ -228,6 +228,27 @@ class VMISync:
             await self.close()
 
 
+    def _open_disk(self, image: Path) -> tuple[Supervisor, str] | None:
+        """The supervisor of the running VM that has ``image`` open, and its block node."""
+        real = image.resolve()
+        for domain in self.domains.values():
+            if domain.role != "owner" or domain.sup is None or domain.exit is not None:
+                continue
+            for disk in domain.conversion.disks:
+                if disk.path and Path(disk.path).resolve() == real:
+                    return domain.sup, disk.node_name
+        return None
+
+    async def resize_disk(self, image: Path, size: int) -> bool:
+        """Grow ``image`` to ``size`` bytes through the QEMU that has it open (QMP
+        ``block_resize``, so the guest sees the new size); False when no running VM uses it."""
+        found = await asyncio.to_thread(self._open_disk, image)
+        if found is None:
+            return False
+        sup, node_name = found
+        await sup.qmp.execute("block_resize", {"node-name": node_name, "size": size})
+        return True
+
     async def close(self) -> None:
         """Stop supervising (QEMUs keep running, as when the agent restarts)."""
         for t in self._timers.values():

@@ -85,6 +85,7 @@ def default_storage_class() -> Obj:
         "provisioner": PROVISIONER,
         "reclaimPolicy": "Delete",
         "volumeBindingMode": "WaitForFirstConsumer",
+        "allowVolumeExpansion": True,
     }
 
 
@@ -168,16 +169,26 @@ class DeletePV:
 
 
 @dataclass(frozen=True)
-class ProvisioningFailed:
-    """A Warning Event ``ProvisioningFailed`` on the claim (recorded once per message)."""
+class ClaimWarning:
+    """A Warning Event on the claim (``ProvisioningFailed``, ``VolumeResizeFailed``), recorded
+    once per message."""
 
     namespace: str
     name: str
+    reason: str
     message: str
 
 
+@dataclass(frozen=True)
+class ExpandPV:
+    """Grow a volume's capacity to its claim's new request (the node agent grows the disk)."""
+
+    name: str
+    capacity: str
+
+
 StorageAction = (CreateStorageClass | PatchPVC | SetPVCStatus | CreatePV | SetPVPhase | DeletePV
-                 | ProvisioningFailed)
+                 | ClaimWarning | ExpandPV)
 
 
 # ---- decisions -------------------------------------------------------------------------------
@@ -288,6 +299,7 @@ def reconcile_claim(pvc: Mapping[str, Any], classes: Sequence[Mapping[str, Any]]
             out.append(SetPVPhase(volume, "Bound"))
         if _phase(pvc) != "Bound":
             out.append(SetPVCStatus(ns, name, _bound_status(pv)))
+        out.extend(expansion(pvc, pv, classes))
         return out
 
     sc = claim_class(pvc, classes)
@@ -319,7 +331,8 @@ def reconcile_claim(pvc: Mapping[str, Any], classes: Sequence[Mapping[str, Any]]
         if not node:
             fits = [n for n in nodes if storage_root(n)]
             if fits:  # nodes exist, none can hold it
-                out.append(ProvisioningFailed(ns, name, insufficient_message(size, fits)))
+                out.append(ClaimWarning(ns, name, "ProvisioningFailed",
+                                        insufficient_message(size, fits)))
             return out
     target = next((n for n in nodes if _name(n) == node), None)
     root = storage_root(target) if target is not None else ""
@@ -327,13 +340,32 @@ def reconcile_claim(pvc: Mapping[str, Any], classes: Sequence[Mapping[str, Any]]
         return out  # the node has not published its storage root (yet)
     free = storage_available(target)
     if free is not None and size > free:
-        out.append(ProvisioningFailed(ns, name, insufficient_message(size, [target])))
+        out.append(ClaimWarning(ns, name, "ProvisioningFailed",
+                                insufficient_message(size, [target])))
         return out
     if annotations.get(ANN_STORAGE_PROVISIONER) != PROVISIONER:
         out.append(PatchPVC(ns, name, {"metadata": {"annotations": {
             ANN_STORAGE_PROVISIONER: PROVISIONER, ANN_BETA_STORAGE_PROVISIONER: PROVISIONER}}}))
     out.append(CreatePV(build_pv(pvc, sc, node, root)))
     return out
+
+
+def expansion(pvc: Mapping[str, Any], pv: Mapping[str, Any],
+              classes: Sequence[Mapping[str, Any]]) -> list[StorageAction]:
+    """A bound claim asking for more than its volume holds: the volume grows when its class
+    allows expansion (``allowVolumeExpansion``), else a ``VolumeResizeFailed`` warning."""
+    spec = _dict(pvc.get("spec"))
+    request = _dict(_dict(spec.get("resources")).get("requests")).get("storage")
+    capacity = _dict(_dict(pv.get("spec")).get("capacity")).get("storage")
+    if _bytes(request) <= _bytes(capacity):
+        return []
+    ns, name = str(_meta(pvc).get("namespace") or "default"), _name(pvc)
+    sc = claim_class(pvc, classes)
+    if sc is None or sc.get("allowVolumeExpansion") is not True:
+        return [ClaimWarning(ns, name, "VolumeResizeFailed", "only dynamically provisioned pvc "
+                             "can be resized and the storageclass that provisions the pvc must "
+                             "support resize")]
+    return [ExpandPV(_name(pv), str(request))]
 
 
 def reconcile_volume(pv: Mapping[str, Any], pvcs: Mapping[Key, Obj]) -> list[StorageAction]:

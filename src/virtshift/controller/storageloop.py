@@ -17,11 +17,12 @@ from virtshift.client.rest import Client
 from virtshift.controller import events
 from virtshift.controller.manager import ObjectCache, WorkQueue, run_reflectors, serve
 from virtshift.controller.storage import (
+    ClaimWarning,
     CreatePV,
     CreateStorageClass,
     DeletePV,
+    ExpandPV,
     PatchPVC,
-    ProvisioningFailed,
     SetPVCStatus,
     SetPVPhase,
     StorageAction,
@@ -53,7 +54,7 @@ class StorageController:
         self.caches = {k.plural: ObjectCache() for k in self.kinds}
         self.queue = WorkQueue()
         self.synced = asyncio.Event()
-        self._failures: dict[tuple[str, str], str] = {}  # claim -> last ProvisioningFailed
+        self._warned: dict[tuple[str, str], str] = {}  # claim -> the last warning recorded
 
     def _on_event(self, event: str, kind: KindInfo, obj: Obj) -> None:
         self.caches[kind.plural].apply(event, obj)
@@ -123,14 +124,19 @@ class StorageController:
                 pvs.put(await self.client.patch(self.pv_kind, None, action.name,
                                                 {"status": {"phase": action.phase}},
                                                 subresource="status"))
-            elif isinstance(action, ProvisioningFailed):
+            elif isinstance(action, ClaimWarning):
                 key = (action.namespace, action.name)
                 claim = pvcs.get(key)
-                if claim is not None and self._failures.get(key) != action.message:
-                    self._failures[key] = action.message
+                if claim is not None and self._warned.get(key) != action.message:
+                    self._warned[key] = action.message
                     log.warning("PVC %s/%s: %s", *key, action.message)
                     await events.record(self.client, claim, self.pvc_kind, events.WARNING,
-                                        "ProvisioningFailed", action.message)
+                                        action.reason, action.message)
+            elif isinstance(action, ExpandPV):
+                pvs.put(await self.client.patch(self.pv_kind, None, action.name,
+                                                {"spec": {"capacity": {
+                                                    "storage": action.capacity}}}))
+                log.info("expanding %s to %s", action.name, action.capacity)
             elif isinstance(action, DeletePV):
                 held = pvs.get(("", action.name))
                 await self.client.delete(self.pv_kind, None, action.name)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from virtshift.api.admission import cdi, migration, vm, vmi, vmi_defaults, vmirs
+from virtshift.api.admission import cdi, migration, pvc, vm, vmi, vmi_defaults, vmirs
 from virtshift.api.admission._util import Obj
 from virtshift.api.admission.config import DEFAULT_CONFIG, AdmissionConfig
 from virtshift.api.jsonvalue import clone
@@ -70,6 +70,11 @@ def _validate_dv(obj: Obj, old: Obj | None, cfg: AdmissionConfig, internal: bool
     return cdi.validate(obj, old)
 
 
+def _validate_pvc(obj: Obj, old: Obj | None, cfg: AdmissionConfig, internal: bool
+                  ) -> list[FieldError]:
+    return pvc.validate_update(obj, old) if old is not None else []
+
+
 def _default_dv(obj: Obj, update: bool, cfg: AdmissionConfig) -> None:
     cdi.default_datavolume(obj)
 
@@ -87,6 +92,7 @@ _VALIDATORS: dict[tuple[str, str], _Validator] = {
     (KUBEVIRT, "VirtualMachineInstanceMigration"): _validate_migration,
     (KUBEVIRT, "VirtualMachineInstanceReplicaSet"): _validate_vmirs,
     (CDI, "DataVolume"): _validate_dv,
+    ("", "PersistentVolumeClaim"): _validate_pvc,
 }
 
 
