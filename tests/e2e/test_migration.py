@@ -554,3 +554,68 @@ def test_zz_cut_off_target_aborts_and_keeps_the_source(cluster: Cluster, ns: str
     # back on the network, the target agent drops its half-received copy
     wait_for(lambda: not cluster.run_dir(vmi["metadata"]["uid"], target).exists(),
              "the stale target QEMU to be discarded", 60)
+
+
+def test_rwx_claim_on_shared_storage_migrates_without_copying(cluster: Cluster, ns: str,
+                                                              shared: Path) -> None:
+    pool = shared / "rwx-pool"
+    pool.mkdir(exist_ok=True)
+    sc = {"apiVersion": "storage.k8s.io/v1", "kind": "StorageClass",
+          "metadata": {"name": f"shared-{ns}"}, "provisioner": "kubevirt.io.hostpath-provisioner",
+          "reclaimPolicy": "Delete", "volumeBindingMode": "Immediate",
+          "parameters": {"sharedPath": str(pool)}}
+    assert cluster.request("POST", "/apis/storage.k8s.io/v1/storageclasses", sc).status_code == 201
+
+    def claim(name: str, cls: str | None) -> dict[str, Any]:
+        spec: dict[str, Any] = {"accessModes": ["ReadWriteMany"],
+                                "resources": {"requests": {"storage": "16Mi"}}}
+        if cls:
+            spec["storageClassName"] = cls
+        return {"apiVersion": "v1", "kind": "PersistentVolumeClaim",
+                "metadata": {"name": name}, "spec": spec}
+
+    pvcs = f"/api/v1/namespaces/{ns}/persistentvolumeclaims"
+    assert cluster.request("POST", pvcs, claim("local-rwx", None)).status_code == 201
+    assert cluster.request("POST", pvcs, claim("data", f"shared-{ns}")).status_code == 201
+    bound = wait_for(lambda: (p := cluster.request("GET", f"{pvcs}/data").json())["status"][
+        "phase"] == "Bound" and p, "the RWX claim to bind", 30)
+    pv = cluster.request("GET", f"/api/v1/persistentvolumes/{bound['spec']['volumeName']}").json()
+    assert pv["spec"]["hostPath"]["path"].startswith(str(pool))
+    assert "nodeAffinity" not in pv["spec"]
+    refused = wait_for(lambda: next((e for e in events_of(cluster, ns, "local-rwx")
+                                     if e["reason"] == "ProvisioningFailed"), None),
+                       "ReadWriteMany refused on node-local storage", 30)
+    assert "sharedPath" in refused["message"]
+
+    spec = migratable_spec(disk=False)
+    spec["volumes"].insert(0, {"name": "data", "persistentVolumeClaim": {"claimName": "data"}})
+    spec["domain"]["devices"]["disks"].insert(0, {"name": "data", "disk": {"bus": "virtio"}})
+    cluster.create(ns, {"apiVersion": "kubevirt.io/v1", "kind": "VirtualMachineInstance",
+                        "metadata": {"name": "rwx"}, "spec": spec})
+    vmi = cluster.wait_vmi_phase(ns, "rwx", "Running", timeout=120)
+    wait_migratable(cluster, ns, "rwx")
+    got = cluster.vmi(ns, "rwx")
+    assert got is not None and got["status"]["migrationMethod"] == "LiveMigration"
+    console = cluster.console(ns, "rwx")
+    try:
+        console.wait_prompt()
+        console.send("printf rwx-before > /dev/vda; sync; echo wrote-$((1+1))\n")
+        console.read_until("wrote-2", 30)
+    finally:
+        console.close()
+    image = Path(pv["spec"]["hostPath"]["path"]) / "disk.img"
+    assert image.read_bytes()[:10] == b"rwx-before"
+    create_migration(cluster, ns, "rwx-job", "rwx")
+    vmim = wait_migration(cluster, ns, "rwx-job", ("Succeeded", "Failed"), 120)
+    assert vmim["status"]["phase"] == "Succeeded", cluster.vmi(ns, "rwx")
+    assert cluster.vmi(ns, "rwx")["status"]["nodeName"] != vmi["status"]["nodeName"]  # type: ignore[index]
+    progress = json.loads(vmim["metadata"]["annotations"]["virtshift.io/migration-progress"])
+    assert progress["diskRemainingBytes"] == 0
+    console = cluster.console(ns, "rwx")
+    try:
+        console.send("\nprintf rwx-after-ok > /dev/vda; sync; echo wrote-$((2+2))\n")
+        console.read_until("wrote-4", 30)
+    finally:
+        console.close()
+    assert image.read_bytes()[:12] == b"rwx-after-ok"
+    cluster.request("DELETE", f"/apis/storage.k8s.io/v1/storageclasses/shared-{ns}")

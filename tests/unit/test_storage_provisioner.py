@@ -239,7 +239,7 @@ def test_agent_makes_a_sparse_disk_image_in_the_volume_directory(tmp_path: Path)
     pvcs = {("ns", "data"): claim(selected="node01")}
     pvs: dict[str, Obj] = {}
     converge(pvcs, pvs, [node("node01", root=str(root))])
-    disk = preparer._volume_file("data", pvs["pvc-u-data"], False)
+    disk = preparer._volume_file("data", pvs["pvc-u-data"], False, (root,))
     image = root / "pvc-u-data" / "disk.img"
     assert disk.path == str(image) and disk.format == "raw"
     assert image.stat().st_size == 64 * 1024 * 1024
@@ -247,8 +247,8 @@ def test_agent_makes_a_sparse_disk_image_in_the_volume_directory(tmp_path: Path)
     other = DiskPreparer(None, None, (), storage_root=root,  # type: ignore[arg-type]
                          node_name="node02")
     with pytest.raises(DiskError, match="is on node node01"):
-        other._volume_file("data", pvs["pvc-u-data"], False)
+        other._volume_file("data", pvs["pvc-u-data"], False, (root,))
     outside = copy.deepcopy(pvs["pvc-u-data"])
     outside["spec"]["hostPath"]["path"] = "/etc"
     with pytest.raises(DiskError, match="outside"):
-        preparer._volume_file("data", outside, False)
+        preparer._volume_file("data", outside, False, (root,))

@@ -22,8 +22,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import os
 import shutil
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +33,7 @@ from typing import Any
 
 from virtshift.api import cdi
 from virtshift.api.admission import quantity
+from virtshift.api.cdi import pv_node as pv_node  # re-exported for the agent modules
 from virtshift.api.kinds import REGISTRY, Obj
 from virtshift.client.rest import Client
 from virtshift.errors import NotFound, VirtshiftError
@@ -41,6 +44,7 @@ from virtshift.storage.imagecache import ImageCache, ImageError, create_overlay
 
 REASON_PVC_NOT_FOUND = "FailedPvcNotFound"
 REASON_FAILED_MOUNT = "FailedMount"
+ORPHAN_MIN_AGE = 10.0  # seconds a volume directory lives before it can count as orphaned
 
 
 class DiskError(VirtshiftError):
@@ -88,16 +92,21 @@ def _dict(value: Any) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
-def pv_node(pv: Mapping[str, Any]) -> str:
-    """The node named by a volume's required ``kubernetes.io/hostname In [node]`` affinity."""
-    required = _dict(_dict(_dict(pv.get("spec")).get("nodeAffinity")).get("required"))
-    for term in required.get("nodeSelectorTerms") or []:
-        for expr in _dict(term).get("matchExpressions") or []:
-            expr = _dict(expr)
-            if (expr.get("key") == "kubernetes.io/hostname" and expr.get("operator") == "In"
-                    and expr.get("values")):
-                return str(expr["values"][0])
-    return ""
+async def volume_roots(client: Client, pv: Mapping[str, Any], storage_root: Path | None
+                       ) -> tuple[Path, ...]:
+    """Where a node may find a volume's directory: its storage root, and the shared path of
+    the volume's StorageClass (``parameters.sharedPath``)."""
+    roots = (storage_root,) if storage_root is not None else ()
+    cls = str(_dict(pv.get("spec")).get("storageClassName") or "")
+    if not cls:
+        return roots
+    try:
+        sc = await client.get(REGISTRY.require("storage.k8s.io", "v1", "StorageClass"), None,
+                              cls)
+    except NotFound:
+        return roots
+    shared = cdi.shared_path(sc)
+    return (*roots, Path(shared)) if shared else roots
 
 
 def _bytes(value: Any, what: str) -> int:
@@ -264,9 +273,18 @@ class DiskPreparer:
         except NotFound as e:
             raise DiskError(f'volume {vname}: persistentvolume "{volume}" of claim "{claim}" '
                             "not found", reason=REASON_FAILED_MOUNT) from e
-        return await asyncio.to_thread(self._volume_file, vname, pv, readonly)
+        roots = await self.volume_roots(pv)
+        disk = await asyncio.to_thread(self._volume_file, vname, pv, readonly, roots)
+        modes = _dict(pvc.get("spec")).get("accessModes") or []
+        if "ReadWriteMany" in modes and not pv_node(pv):
+            disk = dataclasses.replace(disk, shared=True)
+        return disk
 
-    def _volume_file(self, vname: str, pv: Obj, readonly: bool) -> DiskFile:
+    async def volume_roots(self, pv: Obj) -> tuple[Path, ...]:
+        return await volume_roots(self.client, pv, self.storage_root)
+
+    def _volume_file(self, vname: str, pv: Obj, readonly: bool,
+                     roots: tuple[Path, ...]) -> DiskFile:
         spec = _dict(pv.get("spec"))
         name = str(_dict(pv.get("metadata")).get("name"))
         where = pv_node(pv)
@@ -277,10 +295,10 @@ class DiskPreparer:
             raise DiskError(f"volume {vname}: persistentvolume {name} has volume mode Block, "
                             "which this node does not support yet", reason=REASON_FAILED_MOUNT)
         path = str(_dict(spec.get("hostPath")).get("path") or "")
-        if not path or self.storage_root is None:
+        if not path or not roots:
             raise DiskError(f"volume {vname}: persistentvolume {name} is not a hostPath volume "
                             "of this node", reason=REASON_FAILED_MOUNT)
-        directory = confined(path, (self.storage_root,))
+        directory = confined(path, roots)
         directory.mkdir(parents=True, exist_ok=True)
         image = directory / "disk.img"
         if not image.exists():
@@ -294,13 +312,22 @@ class DiskPreparer:
     async def remove_orphans(self) -> list[Path]:
         """Delete the ``pvc-*`` directories under the storage root whose PersistentVolume no
         longer exists (deleted by reclaim policy Delete); returns what was removed."""
-        root = self.storage_root
-        if root is None or not await asyncio.to_thread(root.is_dir):
-            return []
+        roots = [r for r in (self.storage_root,) if r is not None]
+        classes = await self.client.list(REGISTRY.require("storage.k8s.io", "v1",
+                                                          "StorageClass"))
+        roots += [Path(p) for p in {cdi.shared_path(c) for c in classes.get("items") or []}
+                  if p]
         pvs = await self.client.list(REGISTRY.require("", "v1", "PersistentVolume"))
         alive = {str(_dict(p.get("metadata")).get("name")) for p in pvs.get("items") or []}
-        gone = [d for d in await asyncio.to_thread(lambda: sorted(root.iterdir()))
-                if d.name.startswith("pvc-") and d.name not in alive and d.is_dir()]
+
+        def orphans() -> list[Path]:
+            # a directory made after the listing belongs to a volume the listing missed
+            young = time.time() - ORPHAN_MIN_AGE
+            return [d for root in roots if root.is_dir() for d in sorted(root.iterdir())
+                    if d.name.startswith("pvc-") and d.name not in alive and d.is_dir()
+                    and d.stat().st_mtime < young]
+
+        gone = await asyncio.to_thread(orphans)
         for d in gone:
             await asyncio.to_thread(shutil.rmtree, d, True)
         return gone

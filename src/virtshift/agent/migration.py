@@ -70,7 +70,7 @@ def mirrored_disks(vmi: Mapping[str, Any], conv: Conversion) -> list[MirroredDis
                for v in _dict(vmi.get("spec")).get("volumes") or []}
     out: list[MirroredDisk] = []
     for disk in conv.disks:
-        if disk.readonly:
+        if disk.readonly or disk.shared:
             continue
         vol = volumes.get(disk.name, {})
         if "containerDisk" in vol:

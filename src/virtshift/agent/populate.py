@@ -88,15 +88,15 @@ def percent(value: float) -> str:
     return f"{max(0.0, min(100.0, value)):.2f}%"
 
 
-def volume_dir(pv: Mapping[str, Any], storage_root: Path) -> Path:
-    """The directory of a hostPath volume, which must lie under ``storage_root``."""
+def volume_dir(pv: Mapping[str, Any], roots: tuple[Path, ...]) -> Path:
+    """The directory of a hostPath volume, which must lie under one of ``roots``."""
     from virtshift.agent.disks import DiskError, confined
 
     name = str(_dict(pv.get("metadata")).get("name"))
     path = str(_dict(_dict(pv.get("spec")).get("hostPath")).get("path") or "")
     if not path:
         raise DiskError(f"persistentvolume {name} is not a hostPath volume")
-    return confined(path, (storage_root,))
+    return confined(path, roots)
 
 
 def capacity_bytes(pv: Mapping[str, Any]) -> int:
@@ -110,12 +110,10 @@ def capacity_bytes(pv: Mapping[str, Any]) -> int:
 
 def wants_work(pvc: Mapping[str, Any], pv: Mapping[str, Any] | None, node: str) -> bool:
     """Whether this node should populate ``pvc`` now (pure)."""
-    from virtshift.agent.disks import pv_node
-
     source = cdi.populate_source(pvc)
     if source is None or pv is None or _dict(pvc.get("metadata")).get("deletionTimestamp"):
         return False
-    if _dict(pvc.get("status")).get("phase") != "Bound" or pv_node(pv) != node:
+    if _dict(pvc.get("status")).get("phase") != "Bound" or cdi.populating_node(pv) != node:
         return False
     phase = cdi.pod_phase(pvc)
     if phase in (cdi.POD_SUCCEEDED, cdi.POD_FAILED):
@@ -127,9 +125,7 @@ def wants_work(pvc: Mapping[str, Any], pv: Mapping[str, Any] | None, node: str) 
 
 def wants_expansion(pvc: Mapping[str, Any], pv: Mapping[str, Any], node: str) -> bool:
     """A bound, populated claim whose volume grew beyond its ``status.capacity`` (pure)."""
-    from virtshift.agent.disks import pv_node
-
-    if _dict(pvc.get("status")).get("phase") != "Bound" or pv_node(pv) != node:
+    if _dict(pvc.get("status")).get("phase") != "Bound" or cdi.populating_node(pv) != node:
         return False
     if not cdi.populated(pvc):
         return False
@@ -224,7 +220,7 @@ class Populator:
         ns, name = key
         size = capacity_bytes(pv)
         try:
-            image = volume_dir(pv, self.storage_root) / "disk.img"
+            image = volume_dir(pv, await self._roots(pv)) / "disk.img"
             how = "offline"
             if await asyncio.to_thread(image.exists):
                 current = (await asyncio.to_thread(image.stat)).st_size
@@ -301,7 +297,7 @@ class Populator:
         from virtshift.storage.importer import ImportArgs, ImportFailed, run
 
         ns, name = key
-        dest = volume_dir(pv, self.storage_root)
+        dest = volume_dir(pv, await self._roots(pv))
         await asyncio.to_thread(dest.mkdir, parents=True, exist_ok=True)
         capacity = capacity_bytes(pv)
         last = [0.0]
@@ -337,12 +333,18 @@ class Populator:
                                    retryable=False)
             return await run(args, on_progress=progress)
 
+    async def _roots(self, pv: Obj) -> tuple[Path, ...]:
+        from virtshift.agent.disks import volume_roots
+
+        return await volume_roots(self.client, pv, self.storage_root)
+
     def _work(self) -> Path:
         self.work_dir.mkdir(parents=True, exist_ok=True)
         return self.work_dir
 
     async def _clone_source(self, source: cdi.PopulateSource) -> Path:
-        from virtshift.agent.disks import DiskError, pv_node
+        from virtshift.agent.disks import DiskError
+        from virtshift.api.cdi import pv_node
         from virtshift.storage.importer import ImportFailed
 
         ns, name = source.source_namespace, source.source_name
@@ -355,11 +357,11 @@ class Populator:
         if pv is None:
             raise ImportFailed(f'clone source persistentvolumeclaim "{ns}/{name}" is not bound '
                                "to a volume", reason="CloneSourceNotFound", retryable=True)
-        if pv_node(pv) != self.node:
+        if pv_node(pv) and pv_node(pv) != self.node:
             raise ImportFailed(f'clone source "{ns}/{name}" is on node {pv_node(pv)}, not on '
                                f"{self.node}", reason="CloneSourceOnOtherNode", retryable=False)
         try:
-            image = volume_dir(pv, self.storage_root) / "disk.img"
+            image = volume_dir(pv, await self._roots(pv)) / "disk.img"
         except DiskError as e:
             raise ImportFailed(str(e), reason="CloneSourceNotFound", retryable=False) from e
         if not await asyncio.to_thread(image.exists):

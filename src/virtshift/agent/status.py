@@ -84,9 +84,11 @@ def with_phase(status: Mapping[str, Any], phase: str, now: str) -> Obj:
 # ---- live migratability ------------------------------------------------------------------------
 
 def live_migratable(vmi: Mapping[str, Any], now: str,
-                    old: Sequence[Mapping[str, Any]] = ()) -> Obj:
+                    old: Sequence[Mapping[str, Any]] = (), *,
+                    shared: frozenset[str] = frozenset()) -> Obj:
     """The ``LiveMigratable`` condition by KubeVirt's rules: node-local disks and a bridge
-    binding on the pod network block live migration."""
+    binding on the pod network block live migration; ``shared`` names the volumes every node
+    sees (ReadWriteMany claims on shared storage)."""
     spec = _dict(vmi.get("spec"))
     for vol in _list(spec.get("volumes")):
         vol = _dict(vol)
@@ -95,7 +97,7 @@ def live_migratable(vmi: Mapping[str, Any], now: str,
                              message=f"cannot migrate VMI: hostDisk {vol.get('name')} is local "
                                      "to the node (not shared)", old=old)
         for src in ("persistentVolumeClaim", "dataVolume"):
-            if src in vol:
+            if src in vol and vol.get("name") not in shared:
                 return condition(
                     "LiveMigratable", "False", now, reason="DisksNotLiveMigratable",
                     message=f"cannot migrate VMI: PVC {vol.get('name')} is not shared, live "
@@ -162,7 +164,8 @@ def running_status(vmi: Mapping[str, Any], conv: Conversion, observed: Observed,
     status.pop("reason", None)
     conds: list[Obj] = [
         condition("Ready", "True", ts, old=old_conds),
-        live_migratable(vmi, ts, old_conds),
+        live_migratable(vmi, ts, old_conds,
+                        shared=frozenset(d.name for d in conv.disks if d.shared)),
     ]
     drop = ["Synchronized", "PodScheduled"]
     if observed.paused:

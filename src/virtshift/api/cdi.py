@@ -124,3 +124,46 @@ def pod_phase(pvc: Mapping[str, Any]) -> str:
 def populated(pvc: Mapping[str, Any]) -> bool:
     """True when nothing needs to fill the claim, or the filling has succeeded."""
     return not _annotations(pvc).get(ANN_POPULATE) or pod_phase(pvc) == POD_SUCCEEDED
+
+
+# ---- the hostpath provisioner's volumes (shared by the controller and the node agent) --------
+
+HOSTNAME_LABEL = "kubernetes.io/hostname"
+PARAM_SHARED_PATH = "sharedPath"
+"""A StorageClass parameter of the hostpath provisioner: a directory every node mounts at the same
+path. Its volumes have no node affinity and may be ReadWriteMany."""
+ANN_POPULATE_NODE = "virtshift.io/populate-node"
+"""On a volume under a shared path: the node whose agent populates it."""
+
+
+def pv_node(pv: Mapping[str, Any]) -> str:
+    """The node a volume's required node affinity names (``kubernetes.io/hostname In [n]``),
+    "" for a volume every node reaches."""
+    spec = pv.get("spec")
+    affinity = spec.get("nodeAffinity") if isinstance(spec, dict) else None
+    required = affinity.get("required") if isinstance(affinity, dict) else None
+    terms = required.get("nodeSelectorTerms") if isinstance(required, dict) else None
+    for term in terms if isinstance(terms, list) else []:
+        exprs = term.get("matchExpressions") if isinstance(term, dict) else None
+        for expr in exprs if isinstance(exprs, list) else []:
+            if not isinstance(expr, dict):
+                continue
+            values = expr.get("values")
+            if (expr.get("key") == HOSTNAME_LABEL and expr.get("operator") == "In"
+                    and isinstance(values, list) and values):
+                return str(values[0])
+    return ""
+
+
+def shared_path(storage_class: Mapping[str, Any] | None) -> str:
+    params = (storage_class or {}).get("parameters")
+    return str(params.get(PARAM_SHARED_PATH) or "") if isinstance(params, dict) else ""
+
+
+def populating_node(pv: Mapping[str, Any]) -> str:
+    """The node that fills a volume: its affinity's node, or for a shared volume the one the
+    provisioner chose."""
+    meta = pv.get("metadata")
+    ann = meta.get("annotations") if isinstance(meta, dict) else None
+    chosen = ann.get(ANN_POPULATE_NODE) if isinstance(ann, dict) else None
+    return pv_node(pv) or str(chosen or "")

@@ -34,8 +34,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from virtshift.api import cdi
+from virtshift.api.cdi import pv_node
 from virtshift.api.kinds import Obj
-from virtshift.controller.storage import claim_class, pv_node
+from virtshift.controller.storage import claim_class
 
 Key = tuple[str, str]
 

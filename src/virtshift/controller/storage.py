@@ -30,6 +30,8 @@ from typing import Any
 
 from virtshift.api import cdi
 from virtshift.api.admission import quantity
+from virtshift.api.cdi import HOSTNAME_LABEL
+from virtshift.api.cdi import pv_node as pv_node  # re-exported
 from virtshift.api.kinds import Obj
 from virtshift.controller.scheduler import node_ready_status, place
 
@@ -46,7 +48,6 @@ ANN_BIND_COMPLETED = "pv.kubernetes.io/bind-completed"
 ANN_BOUND_BY_CONTROLLER = "pv.kubernetes.io/bound-by-controller"
 ANN_STORAGE_ROOT = "virtshift.io/storage-root"
 ANN_STORAGE_AVAILABLE = "virtshift.io/storage-available"
-HOSTNAME_LABEL = "kubernetes.io/hostname"
 
 
 def _dict(value: Any) -> dict[str, Any]:
@@ -110,18 +111,6 @@ def claim_class(pvc: Mapping[str, Any], classes: Sequence[Mapping[str, Any]]
 
 def storage_root(node: Mapping[str, Any]) -> str:
     return str(_dict(_meta(node).get("annotations")).get(ANN_STORAGE_ROOT) or "")
-
-
-def pv_node(pv: Mapping[str, Any]) -> str:
-    """The node a volume's required node affinity names (``kubernetes.io/hostname In [n]``)."""
-    required = _dict(_dict(_dict(pv.get("spec")).get("nodeAffinity")).get("required"))
-    for term in _list(required.get("nodeSelectorTerms")):
-        for expr in _list(_dict(term).get("matchExpressions")):
-            expr = _dict(expr)
-            values = _list(expr.get("values"))
-            if expr.get("key") == HOSTNAME_LABEL and expr.get("operator") == "In" and values:
-                return str(values[0])
-    return ""
 
 
 def pv_name(pvc: Mapping[str, Any]) -> str:
@@ -247,7 +236,7 @@ def build_pv(pvc: Mapping[str, Any], sc: Mapping[str, Any], node: str, root: str
     request = _dict(_dict(spec.get("resources")).get("requests")).get("storage")
     name = pv_name(pvc)
     meta = _meta(pvc)
-    return {
+    pv: Obj = {
         "apiVersion": "v1",
         "kind": "PersistentVolume",
         "metadata": {"name": name, "annotations": {ANN_PROVISIONED_BY: PROVISIONER}},
@@ -261,11 +250,15 @@ def build_pv(pvc: Mapping[str, Any], sc: Mapping[str, Any], node: str, root: str
                          "namespace": str(meta.get("namespace") or "default"),
                          "name": _name(pvc), "uid": str(meta.get("uid")),
                          "resourceVersion": str(meta.get("resourceVersion") or "")},
-            "hostPath": {"path": f"{root.rstrip('/')}/{name}"},
-            "nodeAffinity": {"required": {"nodeSelectorTerms": [{"matchExpressions": [
-                {"key": HOSTNAME_LABEL, "operator": "In", "values": [node]}]}]}},
+            "hostPath": {"path": f"{(cdi.shared_path(sc) or root).rstrip('/')}/{name}"},
         },
     }
+    if cdi.shared_path(sc):  # every node reaches it; ``node`` populates it
+        pv["metadata"]["annotations"][cdi.ANN_POPULATE_NODE] = node
+    else:
+        pv["spec"]["nodeAffinity"] = {"required": {"nodeSelectorTerms": [{"matchExpressions": [
+            {"key": HOSTNAME_LABEL, "operator": "In", "values": [node]}]}]}}
+    return pv
 
 
 def _bound_status(pv: Mapping[str, Any]) -> Obj:
@@ -318,6 +311,10 @@ def reconcile_claim(pvc: Mapping[str, Any], classes: Sequence[Mapping[str, Any]]
     size = _bytes(request)
     if not size:
         return out
+    if "ReadWriteMany" in _list(spec.get("accessModes")) and not cdi.shared_path(sc):
+        return [*out, ClaimWarning(ns, name, "ProvisioningFailed", (
+            f'StorageClass "{_name(sc)}" keeps each volume on one node: ReadWriteMany needs a '
+            f"class with parameters.{cdi.PARAM_SHARED_PATH}, a directory every node mounts"))]
     source = cdi.populate_source(pvc)
     if source is not None and source.node:
         node = source.node  # a clone or a restore lands where its data is

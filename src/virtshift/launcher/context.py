@@ -28,6 +28,9 @@ class DiskFile:
     readonly: bool = False
     kind: Literal["disk", "cdrom", "lun"] = "disk"
     direct_io: bool = False
+    shared: bool = False
+    """Every node sees the same file (a ReadWriteMany claim on shared storage): a migration
+    does not copy it."""
 
 
 @dataclass(frozen=True)
@@ -96,6 +99,7 @@ class DiskInfo:
     path: str
     readonly: bool
     boot_index: int | None
+    shared: bool = False
 
 
 @dataclass(frozen=True)

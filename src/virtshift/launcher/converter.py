@@ -485,7 +485,7 @@ class _Converter:
             self.add("-device", _json(qdev))
             infos.append(DiskInfo(name=name, qdev_id=qdev["id"], node_name=f"drive{index}",
                                   bus=bus, device=device, path=file.path, readonly=readonly,
-                                  boot_index=qdev.get("bootindex")))
+                                  boot_index=qdev.get("bootindex"), shared=file.shared))
         return infos
 
     def _controller(self, kind: str) -> None:
