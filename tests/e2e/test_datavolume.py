@@ -280,5 +280,22 @@ def test_a_claim_grows_online_and_offline_and_never_shrinks(cluster: Cluster) ->
     cluster.wait_printable(NS, "grower", "Stopped", 60)
     request("128Mi")
     wait_for(lambda: image.stat().st_size == 128 * 2**20, "disk.img to grow offline", 60)
+    cluster.cli("start", "grower", "-n", NS)
+    cluster.wait_printable(NS, "grower", "Running", 120)
+    out = guest_output(cluster, "grower", "echo SIZE=$(cat /sys/block/vda/size)=", r"SIZE=\d+=")
+    assert "SIZE=262144" in out, out
+
+    # a claim in use is protected: deleting its DataVolume leaves it Terminating until the
+    # VM stops (kubernetes.io/pvc-protection)
+    assert cluster.request("DELETE", f"{DVS}/grow").ok
+    held = wait_for(lambda: cluster.request("GET", claim).json()["metadata"].get(
+        "deletionTimestamp") and cluster.request("GET", claim).json(), "the claim to be deleting",
+        30)
+    assert held["metadata"]["finalizers"] == ["kubernetes.io/pvc-protection"]
+    assert cluster.vm(NS, "grower")["status"]["printableStatus"] == "Running"  # type: ignore[index]
+    cluster.cli("stop", "grower", "-n", NS)
+    wait_for(lambda: cluster.request("GET", claim).status_code == 404,
+             "the claim to go once unused", 60)
+    wait_for(lambda: not image.parent.exists(), "the volume's directory to go", 60)
     assert cluster.request("DELETE", f"/apis/kubevirt.io/v1/namespaces/{NS}/virtualmachines/"
                                      "grower").ok

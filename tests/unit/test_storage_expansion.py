@@ -91,3 +91,19 @@ def test_claim_updates_follow_kubernetes() -> None:
     assert validate_update(claim(size="128Mi"), pending_old)  # only bound claims grow
     binding = claim(size="64Mi", volume="pvc-1")
     assert validate_update(binding, pending_old) == []  # the binder fills volumeName once
+
+
+def test_claims_in_use_keep_their_protection() -> None:
+    from virtshift.controller.storage import ReleaseClaim, protection
+
+    deleting = claim("data", volume="pvc-1", phase="Bound")
+    deleting["metadata"]["deletionTimestamp"] = "2026-12-01T00:00:00Z"
+    deleting["metadata"]["finalizers"] = [cdi.PVC_PROTECTION]
+    vmi = {"metadata": {"name": "vm", "namespace": "ns"}, "status": {"phase": "Running"},
+           "spec": {"volumes": [{"name": "d", "dataVolume": {"name": "data"}}]}}
+    assert protection({("ns", "data"): deleting}, [vmi]) == []
+    vmi["status"]["phase"] = "Succeeded"
+    assert protection({("ns", "data"): deleting}, [vmi]) == [ReleaseClaim("ns", "data")]
+    alive = claim("data", volume="pvc-1", phase="Bound")
+    alive["metadata"]["finalizers"] = [cdi.PVC_PROTECTION]
+    assert protection({("ns", "data"): alive}, []) == []

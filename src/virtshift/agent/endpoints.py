@@ -7,6 +7,9 @@ token; users never reach the agent directly.
 - ``console``, ``vnc``, ``portforward/{port}``: websockets (binary frames) spliced to the VM's
   serial socket, VNC socket, or a guest TCP port;
 - ``pause``, ``unpause``, ``softreboot``, ``reset`` (PUT) and ``guestosinfo`` (GET).
+
+``/v1/namespaces/{ns}/persistentvolumeclaims/{name}/upload`` (POST): an image streamed by the
+upload proxy into a claim's volume (:mod:`virtshift.agent.upload`).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from collections.abc import Awaitable, Callable
 import aiohttp
 from aiohttp import web
 
+from virtshift.agent.upload import UploadServer
 from virtshift.agent.vmis import Domain, VMISync
 from virtshift.aio import until_first
 from virtshift.errors import ApiError, BadRequest, Conflict, Unauthorized
@@ -81,6 +85,8 @@ class AgentEndpoints:
         app.router.add_put(PREFIX + "/reset", self._wrap(self.reset))
         app.router.add_get(PREFIX + "/guestosinfo", self._wrap(self.guestosinfo))
         app.router.add_get("/healthz", self._healthz)
+        UploadServer(self.sync.client, node=self.sync.node,
+                     storage_root=self.sync.preparer.storage_root).routes(app)
 
     @web.middleware
     async def _auth(self, request: web.Request,

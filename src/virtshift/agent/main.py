@@ -21,6 +21,7 @@ from virtshift.agent.disks import DiskPreparer
 from virtshift.agent.endpoints import AgentEndpoints
 from virtshift.agent.node import NodeFacts, node_object, node_status, rfc3339
 from virtshift.agent.populate import Populator
+from virtshift.agent.snapshot import SnapshotAgent
 from virtshift.agent.vmis import VMISync
 from virtshift.aio import stop_tasks
 from virtshift.api.kinds import REGISTRY, KindInfo
@@ -117,6 +118,8 @@ class NodeAgent:
         self.preparer = preparer
         self.vmis = VMISync(self.client, node=config.node_name, address=config.address,
                             data_dir=config.data_dir, accel=self.accel, preparer=preparer)
+        self.snapshots = SnapshotAgent(self.client, node_name=config.node_name,
+                                       storage_root=config.data_dir / "storage", vmis=self.vmis)
         self.populator = Populator(self.client, node_name=config.node_name,
                                    storage_root=config.data_dir / "storage",
                                    work_dir=config.data_dir / "populate",
@@ -192,6 +195,7 @@ class NodeAgent:
                      self.accel, self.config.address, self.port)
             self._tasks.append(asyncio.create_task(self._heartbeats(), name="heartbeats"))
             self._tasks.append(asyncio.create_task(self.vmis.run(), name="vmis"))
+            self._tasks.append(asyncio.create_task(self.snapshots.run(), name="snapshots"))
             self._tasks.append(asyncio.create_task(self.populator.run(), name="populator"))
             waiter = asyncio.create_task(stop.wait())
             done, _ = await asyncio.wait([waiter, *self._tasks],

@@ -129,6 +129,9 @@ def populated(pvc: Mapping[str, Any]) -> bool:
 # ---- the hostpath provisioner's volumes (shared by the controller and the node agent) --------
 
 HOSTNAME_LABEL = "kubernetes.io/hostname"
+PVC_PROTECTION = "kubernetes.io/pvc-protection"
+"""The finalizer the API server puts on every claim; the storage controller removes it once no
+VMI uses the claim (StorageObjectInUseProtection)."""
 PARAM_SHARED_PATH = "sharedPath"
 """A StorageClass parameter of the hostpath provisioner: a directory every node mounts at the same
 path. Its volumes have no node affinity and may be ReadWriteMany."""

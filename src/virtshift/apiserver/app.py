@@ -102,6 +102,11 @@ class ApiServer:
         self.vmi_proxy: VMIProxy | None = None
         # Node bootstrap under /virtshift/ (apiserver/join.py), outside the API's auth.
         self.bootstrap: Callable[[web.Request], Awaitable[web.StreamResponse]] | None = None
+        # CDI's upload proxy (/v1beta1/upload...), authorized by upload tokens (upload.py).
+        self.upload_proxy: Callable[[web.Request], Awaitable[web.StreamResponse]] | None = None
+        # group -> handler of /apis/GROUP/... paths it serves itself (None: the generic verbs).
+        self.group_handlers: dict[str, Callable[
+            [web.Request, UserInfo, list[str]], Awaitable[web.StreamResponse | None]]] = {}
 
     # ---- application ---------------------------------------------------------------------------
 
@@ -147,6 +152,9 @@ class ApiServer:
             return await handler(request)
         if self.bootstrap is not None and request.path.startswith(bootstrap.PREFIX):
             return await self.bootstrap(request)
+        if self.upload_proxy is not None and request.path.startswith(("/v1beta1/upload",
+                                                                      "/v1alpha1/upload")):
+            return await self.upload_proxy(request)
         header = request.headers.get("Authorization", "")
         token = header[7:].strip() if header[:7].lower() == "bearer " else ""
         user = self.auth.authenticate(token) if token else None
@@ -194,6 +202,11 @@ class ApiServer:
                 return json_response(group_doc)
             if len(segs) == 3:
                 return self.serve_resource_list(segs[1], segs[2])
+            group_handler = self.group_handlers.get(segs[1])
+            if group_handler is not None:
+                served = await group_handler(request, self.user(request), segs[2:])
+                if served is not None:
+                    return served
             review = handle_review(request, segs[1], segs[2], segs[3:])
             if review is not None:
                 return await review(self.user(request), self.resources)

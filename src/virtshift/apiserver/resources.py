@@ -17,6 +17,7 @@ from typing import Any
 
 from virtshift.api import admission
 from virtshift.api.admission import migration as migration_admission
+from virtshift.api.cdi import PVC_PROTECTION
 from virtshift.api.kinds import KindInfo, Obj, Registry
 from virtshift.api.patch import json_patch, merge_patch, strategic_merge_patch
 from virtshift.api.schema import SchemaSet
@@ -348,6 +349,11 @@ class Resources:
             obj["status"] = {"phase": "Active"}
         elif kind.group == "" and kind.kind == "PersistentVolumeClaim":
             obj.setdefault("status", {}).setdefault("phase", "Pending")
+            # StorageObjectInUseProtection: the storage controller lets it go once unused
+            meta = obj.setdefault("metadata", {})
+            fins = meta.get("finalizers") if isinstance(meta.get("finalizers"), list) else []
+            if PVC_PROTECTION not in fins:
+                meta["finalizers"] = [*fins, PVC_PROTECTION]
             obj["spec"].setdefault("volumeMode", "Filesystem") if isinstance(
                 obj.get("spec"), dict) else None
         elif kind.group == "" and kind.kind == "PersistentVolume":

@@ -27,6 +27,7 @@ from virtshift.apiserver.auth import (
 from virtshift.apiserver.join import JoinService, ensure_join_token
 from virtshift.apiserver.pki import Pki, ensure_pki
 from virtshift.apiserver.resources import WriteContext
+from virtshift.apiserver.upload import register_upload
 from virtshift.apiserver.vmiproxy import VMIProxy
 from virtshift.client import kubeconfig
 from virtshift.errors import AlreadyExists, VirtshiftError
@@ -184,6 +185,8 @@ async def start_api_server(
     proxy_token = agent_proxy_token(data_dir)
     server.vmi_proxy = VMIProxy(server.resources, registry, proxy_token,
                                 ssl.create_default_context(cafile=str(pki.ca_cert)))
+    register_upload(server, data_dir, proxy_token=proxy_token,
+                    agent_tls=ssl.create_default_context(cafile=str(pki.ca_cert)))
     join_token = ensure_join_token(data_dir)
     server.bootstrap = JoinService(pki, auth, join_token=join_token, api_token=component_token,
                                    proxy_token=proxy_token).handle

@@ -155,17 +155,18 @@ def human_age(created: str, now: datetime.datetime) -> str:
     return f"{s // 86400}d"
 
 
-def _checked_file(path: Path, what: str) -> int:
+def checked_file(path: Path, what: str, error: type[Exception] = ImageCommandError) -> int:
+    """The size of ``path``, a non-empty regular file; ``error`` (one readable line) if not."""
     try:
         st = path.stat()
     except FileNotFoundError:
-        raise ImageCommandError(f"{what} {path}: no such file") from None
+        raise error(f"{what} {path}: no such file or directory") from None
     except OSError as e:
-        raise ImageCommandError(f"{what} {path}: {e.strerror or e}") from e
+        raise error(f"{what} {path}: {e.strerror or e}") from e
     if not path.is_file():
-        raise ImageCommandError(f"{what} {path}: not a regular file")
+        raise error(f"{what} {path}: not a regular file")
     if st.st_size == 0:
-        raise ImageCommandError(f"{what} {path}: the file is empty")
+        raise error(f"{what} {path}: the file is empty")
     return st.st_size
 
 
@@ -257,7 +258,7 @@ def _cmd_import(args: argparse.Namespace) -> int:
         if args.initrd is not None or args.cmdline is not None:
             raise ImageCommandError("--initrd and --cmdline go with --kernel")
         files[DISK] = args.file
-    sizes = {part: _checked_file(path, part if part != DISK else "disk image")
+    sizes = {part: checked_file(path, part if part != DISK else "disk image")
              for part, path in files.items()}
     cmdline: str | None = args.cmdline
     return _run(args, lambda client: import_image(client, args.name, files, sizes, cmdline))

@@ -23,7 +23,7 @@ from virtshift.errors import VirtshiftError
 
 # Command families, each a module with register(subparsers).
 COMMAND_MODULES = ("virtshift.cli.images", "virtshift.cli.vm", "virtshift.cli.createvm",
-                   "virtshift.cli.migrate", "virtshift.cli.nodes")
+                   "virtshift.cli.migrate", "virtshift.cli.nodes", "virtshift.cli.upload")
 
 
 def _up(args: argparse.Namespace) -> int:

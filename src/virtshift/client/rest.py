@@ -72,6 +72,9 @@ def resource_path(kind: KindInfo, namespace: str | None = None, name: str | None
     return base
 
 
+CONNECTION_LIMIT = 512
+
+
 class Client:
     """One HTTP session to the API server. Close it with :meth:`close`."""
 
@@ -83,9 +86,12 @@ class Client:
     @property
     def session(self) -> aiohttp.ClientSession:
         if self._session is None:
+            # Every reflector holds a watch connection for good (the controller process runs
+            # dozens), so the pool must leave room for them plus the writes.
             self._session = aiohttp.ClientSession(
                 base_url=self.config.server,
-                connector=aiohttp.TCPConnector(ssl=self.config.ssl_context(), limit=64),
+                connector=aiohttp.TCPConnector(ssl=self.config.ssl_context(),
+                                               limit=CONNECTION_LIMIT),
                 headers={"Authorization": f"Bearer {self.config.token}",
                          "User-Agent": self.user_agent,
                          "Accept": "application/json"},

@@ -534,6 +534,7 @@ async def run_controllers(client: Client, registry: Registry) -> None:
     from virtshift.controller.datavolumeloop import DataVolumeController
     from virtshift.controller.migrationloop import MigrationController  # they import this
     from virtshift.controller.nodeloop import NodeController
+    from virtshift.controller.snapshotloop import SnapshotController
     from virtshift.controller.storageloop import StorageController
 
     tasks = [
@@ -544,6 +545,7 @@ async def run_controllers(client: Client, registry: Registry) -> None:
         asyncio.create_task(VMController(client, registry).run(), name="vm-controller"),
         asyncio.create_task(VMIController(client, registry).run(), name="vmi-controller"),
         asyncio.create_task(StorageController(client, registry).run(), name="storage"),
+        asyncio.create_task(SnapshotController(client, registry).run(), name="snapshot"),
         asyncio.create_task(DataVolumeController(client, registry).run(), name="datavolume"),
     ]
     try:

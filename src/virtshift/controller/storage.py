@@ -176,8 +176,16 @@ class ExpandPV:
     capacity: str
 
 
+@dataclass(frozen=True)
+class ReleaseClaim:
+    """Remove ``kubernetes.io/pvc-protection`` from a claim being deleted that no VMI uses."""
+
+    namespace: str
+    name: str
+
+
 StorageAction = (CreateStorageClass | PatchPVC | SetPVCStatus | CreatePV | SetPVPhase | DeletePV
-                 | ClaimWarning | ExpandPV)
+                 | ClaimWarning | ExpandPV | ReleaseClaim)
 
 
 # ---- decisions -------------------------------------------------------------------------------
@@ -389,6 +397,19 @@ def reconcile_volume(pv: Mapping[str, Any], pvcs: Mapping[Key, Obj]) -> list[Sto
             ANN_PROVISIONED_BY) == PROVISIONER:
         out.append(DeletePV(name))
     return out
+
+
+def protection(pvcs: Mapping[Key, Obj], vmis: Sequence[Mapping[str, Any]]) -> list[ReleaseClaim]:
+    """Claims being deleted keep their protection while a VMI that has not ended uses them."""
+    used: set[Key] = set()
+    for vmi in vmis:
+        if _phase(vmi) in ("Succeeded", "Failed"):
+            continue
+        ns = str(_meta(vmi).get("namespace") or "default")
+        used.update((ns, c) for c in claims_of(vmi))
+    return [ReleaseClaim(*key) for key, pvc in sorted(pvcs.items())
+            if _meta(pvc).get("deletionTimestamp") and key not in used
+            and cdi.PVC_PROTECTION in _list(_meta(pvc).get("finalizers"))]
 
 
 def claims_of(vmi: Mapping[str, Any]) -> list[str]:

@@ -12,10 +12,17 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from virtshift.api.cdi import PVC_PROTECTION
 from virtshift.api.kinds import KindInfo, Obj, Registry
 from virtshift.client.rest import Client
 from virtshift.controller import events
-from virtshift.controller.manager import ObjectCache, WorkQueue, run_reflectors, serve
+from virtshift.controller.manager import (
+    ObjectCache,
+    WorkQueue,
+    remove_finalizers,
+    run_reflectors,
+    serve,
+)
 from virtshift.controller.storage import (
     ClaimWarning,
     CreatePV,
@@ -23,9 +30,11 @@ from virtshift.controller.storage import (
     DeletePV,
     ExpandPV,
     PatchPVC,
+    ReleaseClaim,
     SetPVCStatus,
     SetPVPhase,
     StorageAction,
+    protection,
     reconcile_claim,
     reconcile_volume,
     select_nodes,
@@ -78,6 +87,7 @@ class StorageController:
             actions.extend(reconcile_volume(pvs[name], pvcs))
         actions.extend(select_nodes(self.caches["virtualmachineinstances"].values(), pvcs,
                                     classes, pvs, nodes))
+        actions.extend(protection(pvcs, self.caches["virtualmachineinstances"].values()))
         return actions
 
     async def reconcile(self, key: Key) -> bool:
@@ -137,6 +147,11 @@ class StorageController:
                                                 {"spec": {"capacity": {
                                                     "storage": action.capacity}}}))
                 log.info("expanding %s to %s", action.name, action.capacity)
+            elif isinstance(action, ReleaseClaim):
+                held = pvcs.get((action.namespace, action.name))
+                if held is not None:
+                    await remove_finalizers(self.client, self.pvc_kind, pvcs, held,
+                                            (PVC_PROTECTION,))
             elif isinstance(action, DeletePV):
                 held = pvs.get(("", action.name))
                 await self.client.delete(self.pv_kind, None, action.name)
