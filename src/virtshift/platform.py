@@ -98,7 +98,9 @@ class ChildProcess:
         while True:
             started = asyncio.get_running_loop().time()
             proc = await asyncio.create_subprocess_exec(*self.argv, preexec_fn=_die_with_parent)
-            self.pidfile.write_text(f"{proc.pid}\n")
+            fresh = self.pidfile.with_name(self.pidfile.name + ".new")
+            fresh.write_text(f"{proc.pid}\n")
+            fresh.replace(self.pidfile)  # readers never see it empty
             try:
                 code = await proc.wait()
             except asyncio.CancelledError:
