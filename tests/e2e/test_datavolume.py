@@ -299,3 +299,44 @@ def test_a_claim_grows_online_and_offline_and_never_shrinks(cluster: Cluster) ->
     wait_for(lambda: not image.parent.exists(), "the volume's directory to go", 60)
     assert cluster.request("DELETE", f"/apis/kubevirt.io/v1/namespaces/{NS}/virtualmachines/"
                                      "grower").ok
+
+
+def test_block_mode_volume_is_a_loop_device_for_qemu(cluster: Cluster,
+                                                     images: tuple[Server, Path]) -> None:
+    from tests.e2e.test_vm_lifecycle import kernel_vm
+
+    server, root = images
+    dv = datavolume("blockdisk", {"http": {"url": server.url("guest.raw.xz")}}, size="96Mi")
+    dv["spec"]["storage"]["volumeMode"] = "Block"
+    create_dv(cluster, dv)
+    vm = kernel_vm("blocky", "Always")
+    spec = vm["spec"]["template"]["spec"]
+    spec["volumes"] = [{"name": "data", "dataVolume": {"name": "blockdisk"}}]
+    spec["domain"]["devices"]["disks"] = [{"name": "data", "disk": {"bus": "virtio"}}]
+    cluster.create(NS, vm)
+    cluster.wait_printable(NS, "blocky", "Running", 120)
+    image = volume_image(cluster, "blockdisk")
+    raw = root / "guest.raw"
+    assert sha(image, raw.stat().st_size) == sha(raw, raw.stat().st_size)
+
+    def loops() -> list[str]:
+        out = subprocess.run(["losetup", "--json", "--list", "--associated", str(image)],
+                             capture_output=True, text=True, check=True).stdout
+        return [d["name"] for d in json.loads(out or '{"loopdevices": []}')["loopdevices"]]
+
+    [device] = loops()
+    vmi = cluster.vmi(NS, "blocky")
+    assert vmi is not None
+    argv = Path(f"/proc/{cluster.qemu_pid(vmi['metadata']['uid'])}/cmdline").read_bytes()
+    assert device.encode() in argv and b'"host_device"' in argv
+    out = guest_output(cluster, "blocky",
+                       "echo SIZE=$(cat /sys/block/vda/size)=; printf block-mark | dd of=/dev/vda "
+                       "bs=512 seek=180000 conv=notrunc 2>/dev/null; sync; echo done-$((3+4))",
+                       "done-7")
+    assert "SIZE=196608=" in out, out  # 96 MiB
+    with image.open("rb") as f:
+        f.seek(180000 * 512)
+        assert f.read(10) == b"block-mark"
+    cluster.cli("stop", "blocky", "-n", NS)
+    cluster.wait_printable(NS, "blocky", "Stopped", 60)
+    wait_for(lambda: not loops(), "the loop device to be detached", 60)

@@ -13,9 +13,10 @@
 - ``persistentVolumeClaim`` / ``dataVolume``: the claim must be ``Bound``; its PersistentVolume
   (made by the hostpath provisioner, :mod:`virtshift.controller.storage`) is a directory under
   this node's storage root, and the VM disk is ``disk.img`` inside it, a sparse raw file of the
-  volume's capacity created on first use (KubeVirt's Filesystem-mode layout). Volume mode Block
-  is not supported yet. :meth:`DiskPreparer.remove_orphans` deletes the directories of volumes
-  that no longer exist (reclaim policy Delete).
+  volume's capacity created on first use (KubeVirt's Filesystem-mode layout). In volume mode
+  Block the same file is attached to a loop device and QEMU gets the device
+  (:mod:`virtshift.agent.loopdev`). :meth:`DiskPreparer.remove_orphans` deletes the directories
+  of volumes that no longer exist (reclaim policy Delete).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from virtshift.agent.loopdev import LoopDevices, LoopError
 from virtshift.api import cdi
 from virtshift.api.admission import quantity
 from virtshift.api.cdi import pv_node as pv_node  # re-exported for the agent modules
@@ -143,6 +145,9 @@ class DiskPreparer:
         self.hostdisk_dirs = tuple(hostdisk_dirs)
         self.storage_root = storage_root
         self.node_name = node_name
+        self.loops = LoopDevices()
+        self.volume_dirs: tuple[Path, ...] = (storage_root,) if storage_root else ()
+        """The storage root and the classes' shared paths, as last seen."""
 
     async def prepare(self, vmi: Mapping[str, Any], disk_dir: Path) -> Prepared:
         meta = _dict(vmi.get("metadata"))
@@ -291,9 +296,6 @@ class DiskPreparer:
         if where and self.node_name and where != self.node_name:
             raise DiskError(f"volume {vname}: persistentvolume {name} is on node {where}, "
                             f"not on {self.node_name}", reason=REASON_FAILED_MOUNT)
-        if spec.get("volumeMode") == "Block":
-            raise DiskError(f"volume {vname}: persistentvolume {name} has volume mode Block, "
-                            "which this node does not support yet", reason=REASON_FAILED_MOUNT)
         path = str(_dict(spec.get("hostPath")).get("path") or "")
         if not path or not roots:
             raise DiskError(f"volume {vname}: persistentvolume {name} is not a hostPath volume "
@@ -307,6 +309,14 @@ class DiskPreparer:
             # KubeVirt leaves room for filesystem overhead; the whole capacity is ours here.
             with image.open("wb") as f:
                 f.truncate(size - size % 512)
+        if spec.get("volumeMode") == "Block":
+            try:
+                device = self.loops.attach(image)
+            except LoopError as e:
+                raise DiskError(f"volume {vname}: persistentvolume {name} has volume mode Block "
+                                f"and no loop device could be attached: {e}",
+                                reason=REASON_FAILED_MOUNT) from e
+            return DiskFile(device, "raw", readonly=readonly)
         return DiskFile(str(image), "raw", readonly=readonly)
 
     async def remove_orphans(self) -> list[Path]:
@@ -328,6 +338,7 @@ class DiskPreparer:
                     and d.stat().st_mtime < young]
 
         gone = await asyncio.to_thread(orphans)
+        self.volume_dirs = tuple(roots)
         for d in gone:
             await asyncio.to_thread(shutil.rmtree, d, True)
         return gone

@@ -170,7 +170,11 @@ class NodeAgent:
                 await self.heartbeat(self.facts())
                 for gone in await self.preparer.remove_orphans():
                     log.info("removed %s: its persistent volume was deleted", gone)
-            except (ApiError, OSError) as e:
+                for device in await asyncio.to_thread(self.preparer.loops.release,
+                                                      self.preparer.volume_dirs,
+                                                      self.vmis.devices_in_use()):
+                    log.info("detached %s: no VM uses it", device)
+            except (ApiError, OSError, VirtshiftError) as e:
                 log.warning("heartbeat failed: %s", e)
 
     async def run(self) -> None:

@@ -36,6 +36,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from virtshift.agent.loopdev import LoopDevices
 from virtshift.aio import stop_tasks
 from virtshift.api import cdi
 from virtshift.api.admission import quantity
@@ -224,10 +225,14 @@ class Populator:
             how = "offline"
             if await asyncio.to_thread(image.exists):
                 current = (await asyncio.to_thread(image.stat)).st_size
+                block = _dict(pv.get("spec")).get("volumeMode") == "Block"
                 if current < size:
+                    if block:  # the loop device shows the new size once the file has it
+                        await asyncio.to_thread(os.truncate, image, size)
+                        await asyncio.to_thread(LoopDevices.set_capacity, image)
                     if self.online_resize is not None and await self.online_resize(image, size):
                         how = "online"
-                    else:
+                    elif not block:
                         await asyncio.to_thread(os.truncate, image, size)
             capacity = _dict(_dict(pv.get("spec")).get("capacity")).get("storage")
             await self.client.patch(self.pvc_kind, ns, name,

@@ -75,8 +75,6 @@ def upload_target(pvc: Obj, pv: Obj, *, node: str, roots: tuple[Path, ...]) -> T
     if where and where != node:
         raise ServiceUnavailable(f"volume {pv_name} of PVC {name} is on node {where}, not on "
                                  f"{node}")
-    if _dict(pv.get("spec")).get("volumeMode") == "Block":
-        raise BadRequest(f"PVC {name}: volume mode Block is not supported by this node")
     try:
         directory = volume_dir(pv, roots)
     except DiskError as e:

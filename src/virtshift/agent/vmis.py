@@ -35,6 +35,7 @@ from typing import Any
 
 import aiohttp
 
+from virtshift.agent import loopdev
 from virtshift.agent.disks import DiskError, DiskPreparer
 from virtshift.agent.migration import (
     MigrationSource,
@@ -231,13 +232,19 @@ class VMISync:
     def _open_disk(self, image: Path) -> tuple[Supervisor, str] | None:
         """The supervisor of the running VM that has ``image`` open, and its block node."""
         real = image.resolve()
+        devices = set(loopdev.attached(real)) if not str(real).startswith("/dev/") else set()
         for domain in self.domains.values():
             if domain.role != "owner" or domain.sup is None or domain.exit is not None:
                 continue
             for disk in domain.conversion.disks:
-                if disk.path and Path(disk.path).resolve() == real:
+                if disk.path and (Path(disk.path).resolve() == real or disk.path in devices):
                     return domain.sup, disk.node_name
         return None
+
+    def devices_in_use(self) -> set[str]:
+        """The block devices (``/dev/...``) that QEMUs of this node have open."""
+        return {d.path for dom in self.domains.values() if dom.exit is None
+                for d in dom.conversion.disks if d.path.startswith("/dev/")}
 
     async def resize_disk(self, image: Path, size: int) -> bool:
         """Grow ``image`` to ``size`` bytes through the QEMU that has it open (QMP
