@@ -5,10 +5,12 @@ ending in a clear phase and reason."""
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import http.server
 import json
 import lzma
+import ssl
 import subprocess
 import threading
 from collections.abc import Iterator
@@ -21,6 +23,7 @@ import yaml
 
 from tests.conftest import REPO
 from tests.e2e.vmtools import Cluster, guest_cluster, wait_for
+from virtshift.apiserver.pki import ensure_pki
 from virtshift.testing.guest import GuestImages
 
 pytestmark = pytest.mark.e2e
@@ -340,3 +343,63 @@ def test_block_mode_volume_is_a_loop_device_for_qemu(cluster: Cluster,
     cluster.cli("stop", "blocky", "-n", NS)
     cluster.wait_printable(NS, "blocky", "Stopped", 60)
     wait_for(lambda: not loops(), "the loop device to be detached", 60)
+
+
+class AuthHandler(http.server.SimpleHTTPRequestHandler):
+    """Serves files only with HTTP basic auth ``importer:s3cret``."""
+
+    def do_GET(self) -> None:
+        wanted = "Basic " + base64.b64encode(b"importer:s3cret").decode()
+        if self.headers.get("Authorization") != wanted:
+            self.send_response(401)
+            self.send_header("WWW-Authenticate", 'Basic realm="images"')
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        super().do_GET()
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+def test_https_import_with_a_private_ca_and_basic_auth(
+        cluster: Cluster, images: tuple[Server, Path],
+        tmp_path_factory: pytest.TempPathFactory) -> None:
+    _, root = images
+    pki = ensure_pki(tmp_path_factory.mktemp("image-server-pki"), ["127.0.0.1"])
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0),
+                                            partial(AuthHandler, directory=str(root)))
+    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    tls.load_cert_chain(pki.serving_cert, pki.serving_key)
+    httpd.socket = tls.wrap_socket(httpd.socket, server_side=True)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        url = f"https://127.0.0.1:{httpd.server_address[1]}/guest.qcow2"
+        core = f"/api/v1/namespaces/{NS}"
+        assert cluster.request("POST", f"{core}/secrets", {
+            "apiVersion": "v1", "kind": "Secret", "metadata": {"name": "image-creds"},
+            "stringData": {"accessKeyId": "importer", "secretKey": "s3cret"}}).status_code == 201
+        assert cluster.request("POST", f"{core}/secrets", {
+            "apiVersion": "v1", "kind": "Secret", "metadata": {"name": "wrong-creds"},
+            "stringData": {"accessKeyId": "importer", "secretKey": "nope"}}).status_code == 201
+        assert cluster.request("POST", f"{core}/configmaps", {
+            "apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "image-ca"},
+            "data": {"ca.pem": pki.ca_pem().decode()}}).status_code == 201
+        create_dv(cluster, datavolume("private", {"http": {
+            "url": url, "secretRef": "image-creds", "certConfigMap": "image-ca"}},
+            annotations=IMMEDIATE))
+        create_dv(cluster, datavolume("untrusted", {"http": {
+            "url": url, "secretRef": "image-creds"}}, annotations=IMMEDIATE))
+        create_dv(cluster, datavolume("denied", {"http": {
+            "url": url, "secretRef": "wrong-creds", "certConfigMap": "image-ca"}},
+            annotations=IMMEDIATE))
+        wait_dv(cluster, "private", "Succeeded")
+        raw = root / "guest.raw"
+        assert sha(volume_image(cluster, "private"), raw.stat().st_size) == \
+            sha(raw, raw.stat().st_size)
+        for name, reason in (("untrusted", "TLSError"), ("denied", "Unauthorized")):
+            dv = wait_dv(cluster, name, "Failed", 60)
+            assert condition(dv, "Running")["reason"] == reason, dv["status"]
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
