@@ -34,17 +34,18 @@ DVS = f"/apis/cdi.kubevirt.io/v1beta1/namespaces/{NS}/datavolumes"
 
 
 class Server:
-    """A threaded HTTP server on 127.0.0.1 serving ``root`` (a real socket, a real server)."""
+    """A threaded HTTP server on ``host`` serving ``root`` (a real socket, a real server)."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, host: str = "127.0.0.1") -> None:
         handler = partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
         handler.log_message = lambda *a, **k: None  # type: ignore[attr-defined,method-assign]
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.httpd = http.server.ThreadingHTTPServer((host, 0), handler)
+        self.host = host
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
         self.thread.start()
 
     def url(self, name: str) -> str:
-        return f"http://127.0.0.1:{self.httpd.server_address[1]}/{name}"
+        return f"http://{self.host}:{self.httpd.server_address[1]}/{name}"
 
     def close(self) -> None:
         self.httpd.shutdown()

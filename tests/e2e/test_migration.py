@@ -9,6 +9,7 @@ import json
 import os
 import re
 import signal
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -619,3 +620,45 @@ def test_rwx_claim_on_shared_storage_migrates_without_copying(cluster: Cluster, 
         console.close()
     assert image.read_bytes()[:12] == b"rwx-after-ok"
     cluster.request("DELETE", f"/apis/storage.k8s.io/v1/storageclasses/shared-{ns}")
+
+
+def test_import_runs_on_the_node_the_vm_is_placed_on(cluster: Cluster, ns: str,
+                                                     tmp_path: Path) -> None:
+    """A WaitForFirstConsumer DataVolume of a VM pinned to node02 is provisioned and imported
+    there: the importer runs in node02's network namespace and fetches from the host."""
+    from tests.e2e.test_datavolume import Server, sha
+    from virtshift.testing.guest import GuestImages
+
+    net = nodenet.load(cluster.data_dir)
+    assert net is not None
+    guest = GuestImages.locate().disk
+    (tmp_path / "guest.qcow2").write_bytes(guest.read_bytes())
+    server = Server(tmp_path, host=net.gateway)
+    try:
+        spec = migratable_spec(disk=False)
+        spec["nodeSelector"] = {"kubernetes.io/hostname": "node02"}
+        spec["volumes"].insert(0, {"name": "data", "dataVolume": {"name": "imported"}})
+        spec["domain"]["devices"]["disks"].insert(0, {"name": "data", "disk": {"bus": "virtio"}})
+        vm = {"apiVersion": "kubevirt.io/v1", "kind": "VirtualMachine",
+              "metadata": {"name": "placed"},
+              "spec": {"runStrategy": "Always", "template": {"spec": spec},
+                       "dataVolumeTemplates": [{"metadata": {"name": "imported"}, "spec": {
+                           "source": {"http": {"url": server.url("guest.qcow2")}},
+                           "storage": {"resources": {"requests": {"storage": "96Mi"}}}}}]}}
+        cluster.create(ns, vm)
+        vmi = cluster.wait_vmi_phase(ns, "placed", "Running", timeout=120)
+        assert vmi["status"]["nodeName"] == "node02"
+        dvs = f"/apis/cdi.kubevirt.io/v1beta1/namespaces/{ns}/datavolumes/imported"
+        assert cluster.request("GET", dvs).json()["status"]["phase"] == "Succeeded"
+        pvc = cluster.request("GET", f"/api/v1/namespaces/{ns}/persistentvolumeclaims/"
+                                     "imported").json()
+        assert pvc["metadata"]["annotations"]["volume.kubernetes.io/selected-node"] == "node02"
+        pv = cluster.request("GET", f"/api/v1/persistentvolumes/{pvc['spec']['volumeName']}"
+                             ).json()
+        image = Path(pv["spec"]["hostPath"]["path"]) / "disk.img"
+        assert image.is_relative_to(cluster.data_dir / "nodes" / "node02")
+        raw = tmp_path / "guest.raw"
+        subprocess.run(["qemu-img", "convert", "-O", "raw", str(guest), str(raw)], check=True)
+        assert sha(image, raw.stat().st_size) == sha(raw, raw.stat().st_size)
+    finally:
+        server.close()
