@@ -9,6 +9,9 @@ packages=(
   busybox-static kmod cpio xz-utils gzip syslinux syslinux-common extlinux mtools dosfstools fdisk
   # cloud-init NoCloud / ConfigDrive ISOs
   genisoimage
+  # storage: loop devices for Block volumes (losetup); bench/clone.py --xfs and
+  # bench/import_http.py's baselines (mkfs.xfs with reflink, curl)
+  util-linux xfsprogs curl
 )
 missing=()
 for p in "${packages[@]}"; do

@@ -15,6 +15,7 @@ import lzma
 import os
 import ssl
 import subprocess
+import sys
 import tarfile
 import threading
 import time
@@ -505,8 +506,22 @@ class Registry:
         server.routes[f"/v2/{repo}/manifests/{tag}"] = self.guard(send_bytes(
             manifest, headers={"Content-Type": "application/vnd.oci.image.manifest.v1+json"}))
         for dg, b in blobs.items():
-            server.routes[f"/v2/{repo}/blobs/{dg}"] = self.guard(send_bytes(b))
+            # blobs live in "object storage" on another host name, as with real registries
+            store = f"/store/{dg}"
+            moved = send_bytes(b"", status=307,
+                               headers={"Location": f"http://localhost:{server.port}{store}"})
+            server.routes[f"/v2/{repo}/blobs/{dg}"] = self.guard(moved)
+            server.routes[store] = self.no_credentials(send_bytes(b))
         server.routes["/token"] = self.issue
+
+    @staticmethod
+    def no_credentials(inner: Handler) -> Handler:
+        def handle(h: BaseHTTPRequestHandler) -> None:
+            if h.headers.get("Authorization"):
+                send_bytes(b"credentials for another host", status=400)(h)
+                return
+            inner(h)
+        return handle
 
     def guard(self, inner: Handler) -> Handler:
         def handle(h: BaseHTTPRequestHandler) -> None:
@@ -545,6 +560,9 @@ async def test_registry_import_with_a_bearer_token(server: Server, images: Image
                                    username="puller", password=PASSWORD)
     assert_disk(d, images)
     assert result.format == "qcow2" and seen[-1] == 100.0
+    # the blob redirect to another host was followed, without the registry's token
+    store = [r for r in server.requests if r["path"].startswith("/store/")]
+    assert store and not any("Authorization" in r for r in store)
     e = await failed(source="registry", dest_dir=d, url=f"docker://{host}/disks/alpine:v2",
                      insecure=True, username="puller", password=PASSWORD)
     assert e.reason == "NotFound"
@@ -557,3 +575,52 @@ async def test_registry_import_with_a_bearer_token(server: Server, images: Image
     assert e.reason == "TLSError"
     assert_disk(d, images)
 
+
+
+# --- several importers of one volume; the agent's death ---------------------------------------
+
+async def test_two_importers_of_one_volume_take_turns(server: Server, images: Images,
+                                                       tmp_path: Path) -> None:
+    server.routes["/a.qcow2"] = send_bytes(images.qcow2.read_bytes())
+    server.routes["/slow.raw"] = trickle(images.data[: MiB], 8)  # ~0.4 s, 8 MiB
+    d = dest(tmp_path)
+    results = await asyncio.gather(
+        run(ImportArgs(source="http", dest_dir=d, capacity=CAPACITY,
+                       url=server.url("/slow.raw"))),
+        run(ImportArgs(source="http", dest_dir=d, capacity=CAPACITY,
+                       url=server.url("/a.qcow2"))))
+    assert {r.format for r in results} == {"raw", "qcow2"}
+    head = (d / DISK_NAME).read_bytes()[: MiB]
+    assert head == images.data[: MiB]   # either import, whole (both start the same)
+    assert_no_partials(d)
+
+
+PARENT = """
+import asyncio, sys
+from pathlib import Path
+from virtshift.storage.importer import ImportArgs, run
+asyncio.run(run(ImportArgs(source="http", dest_dir=Path(sys.argv[2]), capacity=1 << 30,
+                           url=sys.argv[1])))
+"""
+
+
+async def test_the_child_dies_with_its_parent(server: Server, images: Images,
+                                              tmp_path: Path) -> None:
+    server.routes["/slow.img"] = trickle(os.urandom(256 << 10), 400)
+    d = dest(tmp_path)
+    parent = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", PARENT, server.url("/slow.img"), str(d))
+    deadline = time.monotonic() + 30
+    while not importer_pids(d):
+        assert time.monotonic() < deadline and parent.returncode is None
+        await asyncio.sleep(0.05)
+    parent.kill()
+    await parent.wait()
+    deadline = time.monotonic() + 10
+    while importer_pids(d):
+        assert time.monotonic() < deadline, "the importer outlived its parent"
+        await asyncio.sleep(0.05)
+    # the next import of the volume (the restarted agent's) clears what the killed one left
+    server.routes["/a.qcow2"] = send_bytes(images.qcow2.read_bytes())
+    await do_import(source="http", dest_dir=d, url=server.url("/a.qcow2"))
+    assert_disk(d, images)

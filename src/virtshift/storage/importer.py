@@ -6,7 +6,9 @@ another core and never block the agent's event loop) and returns an :class:`Impo
 :class:`ImportFailed`. The child writes ``DEST/.disk.img.partial`` (and, for images that need
 ``qemu-img``, a seekable scratch copy ``DEST/.disk.img.scratch``), fsyncs it and renames it to
 ``DEST/disk.img`` only once it is complete and verified: a failed or cancelled import removes its
-partial files and never touches an existing ``disk.img``.
+partial files and never touches an existing ``disk.img``. One importer works on a volume at a
+time (an exclusive ``flock`` of the volume directory, also held by its ``qemu-img``), and the child
+is killed with its parent (``PR_SET_PDEATHSIG``), so a restarted node agent simply starts over.
 
 Sources (``ImportArgs.source``):
 
@@ -58,6 +60,10 @@ The child reports on stdout, one JSON object per line: ``{"progress": 12.5}`` (p
 known total of source bytes, at most twice a second), then ``{"result": {...}}`` or ``{"error":
 {"reason", "message", "retryable"}}``. Secrets never reach its command line: :class:`ImportArgs`
 travels as JSON in the environment variable :data:`ARGS_ENV`.
+
+Code: this module holds the contract and the parent side; the child's work is in
+:mod:`virtshift.storage.importworker` (sources, sniffing, decompression, writers, qemu-img) and
+:mod:`virtshift.storage.importnet` (HTTP and registry, loaded only for those sources).
 """
 
 from __future__ import annotations
@@ -83,6 +89,7 @@ from virtshift.errors import VirtshiftError
 SourceKind = Literal["http", "registry", "blank", "stdin", "file"]
 SOURCES: tuple[str, ...] = ("http", "registry", "blank", "stdin", "file")
 ARGS_ENV = "VIRTSHIFT_IMPORT_ARGS"
+PARENT_ENV = "VIRTSHIFT_IMPORT_PARENT"  # the parent's pid: the child dies with it
 DISK_NAME = "disk.img"
 PARTIAL_NAME = ".disk.img.partial"
 SCRATCH_NAME = ".disk.img.scratch"
@@ -106,6 +113,13 @@ class ImportFailed(VirtshiftError):
 
 @dataclass(frozen=True)
 class ImportArgs:
+    """One import. ``dest_dir``: the volume directory (the result is ``dest_dir/disk.img``);
+    ``capacity``: the volume's bytes; ``url``: http(s) or ``docker://`` URL; ``path``: the file
+    of a ``file`` import; ``ca_file``: a PEM bundle to trust; ``insecure``: no TLS
+    verification; ``username``/``password``: basic auth or registry credentials; ``headers``:
+    extra ``"Name: value"`` request headers; ``checksum``: ``ALGO:HEX`` of the bytes as served;
+    ``size``: the size of a ``stdin`` upload when known (progress, and a shorter body fails)."""
+
     source: SourceKind
     dest_dir: Path
     capacity: int
@@ -117,7 +131,7 @@ class ImportArgs:
     password: str = ""
     headers: tuple[str, ...] = ()
     checksum: str = ""
-    size: int = 0  # stdin: the upload's size when known (progress, cut-off detection)
+    size: int = 0
 
     def to_json(self) -> str:
         data = asdict(self)
@@ -138,6 +152,9 @@ class ImportArgs:
 
 @dataclass(frozen=True)
 class ImportResult:
+    """``format``/``compression``: what was detected; ``virtual_size``: the image's own size
+    (the disk is then grown to the capacity); ``bytes_read``: bytes received from the source."""
+
     format: str
     compression: str
     virtual_size: int
@@ -242,6 +259,7 @@ def discard_partials(dest_dir: Path) -> None:
 def _child_env(args: ImportArgs) -> dict[str, str]:
     env = dict(os.environ)
     env[ARGS_ENV] = args.to_json()
+    env[PARENT_ENV] = str(os.getpid())
     src_root = str(Path(__file__).resolve().parents[2])
     old = env.get("PYTHONPATH", "")
     env["PYTHONPATH"] = src_root + (os.pathsep + old if old else "")

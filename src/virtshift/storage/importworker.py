@@ -6,27 +6,19 @@ agent never loads it, and the child never loads asyncio)."""
 from __future__ import annotations
 
 import argparse
-import base64
+import contextlib
 import errno
+import fcntl
 import hashlib
-import http.client
-import io
 import json
 import lzma
 import os
 import queue
-import re
 import signal
-import socket
-import ssl
 import subprocess
 import sys
-import tarfile
 import threading
 import time
-import urllib.error
-import urllib.parse
-import urllib.request
 import zlib
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -36,14 +28,13 @@ from typing import Any
 from virtshift.storage.importer import (
     ARGS_ENV,
     DISK_NAME,
+    PARENT_ENV,
     SOURCES,
     ImportArgs,
     ImportFailed,
     ImportResult,
-    RegistryRef,
     discard_partials,
     parse_checksum,
-    parse_registry_url,
     partial_files,
     redact,
     validate,
@@ -57,13 +48,8 @@ PROGRESS_INTERVAL = 0.5
 NET_TIMEOUT = 60.0
 QEMU_IMG_TIMEOUT = 3600.0
 FICLONE = 0x40049409
+WRITEBACK_STEP = 64 << 20
 _ZERO_BLOCK = bytes(BLOCK)
-_MANIFEST_TYPES = ", ".join((
-    "application/vnd.oci.image.manifest.v1+json",
-    "application/vnd.docker.distribution.manifest.v2+json",
-    "application/vnd.oci.image.index.v1+json",
-    "application/vnd.docker.distribution.manifest.list.v2+json",
-))
 # magic at offset 0 -> qemu-img format name; these need a seekable file and qemu-img
 _QEMU_MAGIC: tuple[tuple[bytes, str], ...] = (
     (b"QFI\xfb", "qcow2"),
@@ -128,121 +114,7 @@ class Meter:
 
 
 # ---------------------------------------------------------------------------------------------
-# the child side: sources
-
-
-def _ssl_context(args: ImportArgs) -> ssl.SSLContext:
-    if args.insecure:
-        ctx = ssl.create_default_context()
-        ctx.check_hostname = False
-        ctx.verify_mode = ssl.CERT_NONE
-        return ctx
-    try:
-        return ssl.create_default_context(cafile=args.ca_file or None)
-    except (OSError, ssl.SSLError) as e:
-        raise ImportFailed(f"cannot load the CA bundle: {e}", reason="InvalidSource") from e
-
-
-def _basic(username: str, password: str) -> str:
-    return "Basic " + base64.b64encode(f"{username}:{password}".encode()).decode()
-
-
-def _connection_failure(url: str, e: BaseException) -> ImportFailed:
-    reason = e.reason if isinstance(e, urllib.error.URLError) else e
-    if isinstance(reason, ssl.SSLCertVerificationError):
-        return ImportFailed(f"{redact(url)}: TLS verification failed: {reason.verify_message}",
-                            reason="TLSError", retryable=False)
-    if isinstance(reason, ssl.SSLError):
-        return ImportFailed(f"{redact(url)}: TLS error: {reason}", reason="TLSError",
-                            retryable=False)
-    if isinstance(reason, ConnectionRefusedError):
-        text = "connection refused"
-    elif isinstance(reason, socket.gaierror):
-        text = f"cannot resolve the host ({reason.strerror})"
-    elif isinstance(reason, (TimeoutError, socket.timeout)):
-        text = "timed out"
-    else:
-        text = str(reason) or type(reason).__name__
-    return ImportFailed(f"cannot reach {redact(url)}: {text}", reason="ConnectionFailed",
-                        retryable=True)
-
-
-def _status_failure(url: str, code: int, phrase: str) -> ImportFailed:
-    text = f"{redact(url)}: the server answered {code} {phrase}".rstrip() + " (expected 200)"
-    if code in (401, 403):
-        return ImportFailed(text, reason="Unauthorized", retryable=False)
-    if code in (404, 410):
-        return ImportFailed(text, reason="NotFound", retryable=False)
-    if code >= 500 or code in (408, 429):
-        return ImportFailed(text, reason="ServerError", retryable=True)
-    return ImportFailed(text, reason="HTTPError", retryable=False)
-
-
-class _Opener:
-    """GET requests with the import's TLS settings; redirects are followed."""
-
-    def __init__(self, args: ImportArgs) -> None:
-        handlers: list[Any] = [urllib.request.ProxyHandler({})]
-        self.https = _ssl_context(args)
-        handlers.append(urllib.request.HTTPSHandler(context=self.https))
-        self.opener = urllib.request.build_opener(*handlers)
-
-    def get(self, url: str, headers: dict[str, str]) -> Any:
-        req = urllib.request.Request(url, headers=headers, method="GET")
-        try:
-            return self.opener.open(req, timeout=NET_TIMEOUT)
-        except urllib.error.HTTPError as e:
-            e.close()
-            raise
-        except (urllib.error.URLError, OSError) as e:
-            raise _connection_failure(url, e) from e
-
-
-def _extra_headers(args: ImportArgs) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for h in args.headers:
-        name, _, value = h.partition(":")
-        out[name.strip()] = value.strip()
-    return out
-
-
-def _read_body(resp: Any, url: str, meter: Meter, length: int) -> Iterator[bytes]:
-    """The response body in chunks, counted by ``meter``; a body shorter than ``length`` (its
-    Content-Length, if any) fails TransferInterrupted."""
-    got = 0
-    try:
-        while True:
-            try:
-                data = resp.read(CHUNK)
-            except (OSError, ValueError, http.client.HTTPException) as e:
-                raise ImportFailed(f"{redact(url)}: the transfer broke off after {got} bytes"
-                                   f"{f' of {length}' if length else ''}: {e}",
-                                   reason="TransferInterrupted", retryable=True) from e
-            if not data:
-                break
-            got += len(data)
-            meter.add(data)
-            yield data
-    finally:
-        resp.close()
-    if length and got < length:
-        raise ImportFailed(f"{redact(url)}: the transfer broke off after {got} of {length} "
-                           "bytes", reason="TransferInterrupted", retryable=True)
-
-
-def http_source(args: ImportArgs, meter: Meter) -> Iterator[bytes]:
-    headers = _extra_headers(args)
-    if args.username or args.password:
-        headers["Authorization"] = _basic(args.username, args.password)
-    headers.setdefault("Accept-Encoding", "identity")
-    opener = _Opener(args)
-    try:
-        resp = opener.get(args.url, headers)
-    except urllib.error.HTTPError as e:
-        raise _status_failure(args.url, e.code, str(e.reason)) from e
-    length = int(resp.headers.get("Content-Length") or 0)
-    meter.total = length
-    return _read_body(resp, args.url, meter, length)
+# the child side: sources (http and registry: virtshift.storage.importnet)
 
 
 def stdin_source(args: ImportArgs, meter: Meter) -> Iterator[bytes]:
@@ -259,165 +131,6 @@ def stdin_source(args: ImportArgs, meter: Meter) -> Iterator[bytes]:
     if args.size and got < args.size:
         raise ImportFailed(f"the upload ended after {got} of {args.size} bytes",
                            reason="TransferInterrupted", retryable=True)
-
-
-class _Registry:
-    """A registry v2 client: anonymous, basic, or a bearer token from the challenge."""
-
-    def __init__(self, args: ImportArgs, ref: RegistryRef) -> None:
-        self.args, self.ref = args, ref
-        self.opener = _Opener(args)
-        self.scheme = "https"
-        self.auth = _basic(args.username, args.password) if args.username else ""
-
-    def url(self, path: str) -> str:
-        return f"{self.scheme}://{self.ref.host}/v2/{self.ref.repository}/{path}"
-
-    def get(self, path: str, accept: str = "") -> Any:
-        headers = {"Accept": accept} if accept else {}
-        tried_token = False
-        while True:
-            if self.auth:
-                headers["Authorization"] = self.auth
-            url = self.url(path)
-            try:
-                return self.opener.get(url, headers)
-            except urllib.error.HTTPError as e:
-                challenge = e.headers.get("WWW-Authenticate", "") if e.headers else ""
-                if e.code == 401 and not tried_token and challenge:
-                    tried_token = True
-                    self.auth = self._answer(challenge)
-                    continue
-                if e.code == 404:
-                    raise ImportFailed(f"{redact(self.args.url)}: {url} answered 404 Not Found",
-                                       reason="NotFound", retryable=False) from e
-                raise _status_failure(url, e.code, str(e.reason)) from e
-            except ImportFailed as e:
-                # docker's insecure-registries rule: HTTPS first, plain HTTP if allowed
-                if self.args.insecure and self.scheme == "https" and e.reason in (
-                        "TLSError", "ConnectionFailed"):
-                    self.scheme = "http"
-                    continue
-                raise
-
-    def _answer(self, challenge: str) -> str:
-        kind, _, params = challenge.partition(" ")
-        if kind.lower() == "basic":
-            if not self.args.username:
-                raise ImportFailed(f"{redact(self.args.url)}: the registry wants credentials",
-                                   reason="Unauthorized", retryable=False)
-            return _basic(self.args.username, self.args.password)
-        if kind.lower() != "bearer":
-            raise ImportFailed(f"{redact(self.args.url)}: unsupported registry authentication "
-                               f"{kind!r}", reason="Unauthorized", retryable=False)
-        fields = dict(re.findall(r'(\w+)="([^"]*)"', params))
-        realm = fields.pop("realm", "")
-        if not realm:
-            raise ImportFailed(f"{redact(self.args.url)}: bearer challenge without a realm",
-                               reason="Unauthorized", retryable=False)
-        query = urllib.parse.urlencode({k: v for k, v in fields.items()
-                                        if k in ("service", "scope")})
-        token_url = realm + ("&" if "?" in realm else "?") + query if query else realm
-        headers = {}
-        if self.args.username:
-            headers["Authorization"] = _basic(self.args.username, self.args.password)
-        try:
-            with self.opener.get(token_url, headers) as resp:
-                body = json.loads(resp.read(1 << 20))
-        except urllib.error.HTTPError as e:
-            raise _status_failure(token_url, e.code, str(e.reason)) from e
-        except ValueError as e:
-            raise ImportFailed(f"{token_url}: the token answer is not JSON",
-                               reason="Unauthorized", retryable=False) from e
-        token = body.get("token") or body.get("access_token") if isinstance(body, dict) else ""
-        if not token:
-            raise ImportFailed(f"{token_url}: no token in the answer", reason="Unauthorized",
-                               retryable=False)
-        return f"Bearer {token}"
-
-    def manifest(self) -> dict[str, Any]:
-        reference = self.ref.reference
-        for _ in range(2):
-            with self.get(f"manifests/{reference}", _MANIFEST_TYPES) as resp:
-                try:
-                    doc = json.loads(resp.read(4 << 20))
-                except ValueError as e:
-                    raise ImportFailed(f"{redact(self.args.url)}: the manifest is not JSON",
-                                       reason="ImagePullFailed") from e
-            if not isinstance(doc, dict):
-                break
-            if "manifests" in doc:  # an index: take linux/amd64, else the first
-                entries = [m for m in doc["manifests"] if isinstance(m, dict)]
-                chosen = next((m for m in entries
-                               if m.get("platform", {}).get("architecture") == "amd64"
-                               and m.get("platform", {}).get("os") == "linux"),
-                              entries[0] if entries else None)
-                if chosen is None:
-                    break
-                reference = str(chosen.get("digest"))
-                continue
-            if isinstance(doc.get("layers"), list):
-                return doc
-            break
-        raise ImportFailed(f"{redact(self.args.url)}: not an image manifest",
-                           reason="ImagePullFailed", retryable=False)
-
-
-class _ChunkReader(io.RawIOBase):
-    """A file-like view of chunks (for tarfile's stream mode)."""
-
-    def __init__(self, chunks: Iterator[bytes]) -> None:
-        self._chunks = chunks
-        self._buf = b""
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, b: Any) -> int:
-        if not self._buf:
-            self._buf = next(self._chunks, b"")
-        n = min(len(b), len(self._buf))
-        b[:n] = self._buf[:n]
-        self._buf = self._buf[n:]
-        return n
-
-
-def _disk_member(name: str) -> bool:
-    clean = name.lstrip("./")
-    return clean.startswith("disk/") and len(clean) > len("disk/")
-
-
-def registry_source(args: ImportArgs, meter: Meter) -> Iterator[bytes]:
-    ref = parse_registry_url(args.url)
-    reg = _Registry(args, ref)
-    manifest = reg.manifest()
-    layers = [la for la in manifest["layers"] if isinstance(la, dict) and la.get("digest")]
-    for layer in reversed(layers):
-        digest = str(layer["digest"])
-        resp = reg.get(f"blobs/{digest}")
-        length = int(resp.headers.get("Content-Length") or layer.get("size") or 0)
-        meter.total = length
-        raw = io.BufferedReader(_ChunkReader(_read_body(resp, reg.url(f"blobs/{digest}"),
-                                                           meter, length)), CHUNK)
-        try:
-            tar = tarfile.open(fileobj=raw, mode="r|*")  # noqa: SIM115 (closed with raw)
-            for member in tar:
-                if member.isreg() and _disk_member(member.name):
-                    f = tar.extractfile(member)
-                    assert f is not None
-                    while data := f.read(CHUNK):
-                        yield data
-                    # drain the layer so that its bytes are counted (and the body checked)
-                    while raw.read(CHUNK):
-                        pass
-                    return
-        except tarfile.TarError as e:
-            raise ImportFailed(f"{redact(args.url)}: layer {digest} is not a tar archive: {e}",
-                               reason="ImagePullFailed", retryable=False) from e
-        finally:
-            raw.close()
-    raise ImportFailed(f"{redact(args.url)}: the image has no disk/ file in its layers",
-                       reason="ImagePullFailed", retryable=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -445,8 +158,8 @@ def _peek(chunks: Iterator[bytes], n: int) -> tuple[bytes, Iterator[bytes]]:
 
 def _decompress(chunks: Iterator[bytes], kind: str, what: str) -> Iterator[bytes]:
     """Stream-decompress gzip (several members allowed) or xz (several streams allowed); the
-    output comes in pieces of at most 4 MiB whatever the compression ratio."""
-    limit = CHUNK * 4
+    output comes in pieces of at most 1 MiB whatever the compression ratio."""
+    limit = CHUNK
 
     def new() -> Any:
         if kind == "gz":
@@ -547,12 +260,22 @@ def _too_large(vsize: int, capacity: int, what: str, *, at_least: bool = False) 
                         reason="ImageTooLarge", retryable=False)
 
 
+def start_writeback(fd: int, offset: int, length: int) -> None:
+    """Start writing a range that is complete to the disk now (``POSIX_FADV_DONTNEED`` starts the
+    write-back of its dirty pages and lets the page cache go), so that the disk writes overlap the
+    copy and the final fsync has little left to do: a durable 1 GiB copy on ext4 takes ~0.7 s
+    instead of ~1 s."""
+    with contextlib.suppress(OSError):
+        os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
+
+
 class SparseWriter:
     """Writes a raw stream at increasing offsets, skipping all-zero 64 KiB blocks."""
 
     def __init__(self, fd: int, limit: int, what: str) -> None:
         self.fd, self.limit, self.what = fd, limit, what
         self.offset = 0
+        self._written_back = 0
 
     def write(self, data: bytes) -> None:
         n = len(data)
@@ -577,6 +300,9 @@ class SparseWriter:
         if run_start >= 0:
             self._pwrite(view[run_start:n], self.offset + run_start)
         self.offset += n
+        if self.offset - self._written_back >= WRITEBACK_STEP:
+            start_writeback(self.fd, self._written_back, self.offset - self._written_back)
+            self._written_back = self.offset
 
     def _pwrite(self, view: memoryview, offset: int) -> None:
         while view:
@@ -585,10 +311,15 @@ class SparseWriter:
             offset += written
 
 
+# the volume directory's lock (see execute); qemu-img inherits it, so that a qemu-img outliving a
+# killed importer still keeps the next importer of the volume waiting
+_volume_lock: list[int] = []
+
+
 def _qemu_img(*argv: str) -> subprocess.CompletedProcess[str]:
     try:
         return subprocess.run(["qemu-img", *argv], capture_output=True, text=True,
-                              timeout=QEMU_IMG_TIMEOUT, check=False)
+                              timeout=QEMU_IMG_TIMEOUT, check=False, pass_fds=_volume_lock)
     except FileNotFoundError as e:
         raise ImportFailed("qemu-img is not installed", reason="Error") from e
     except subprocess.TimeoutExpired as e:
@@ -630,7 +361,13 @@ def convert(src: Path, fmt: str, dst: Path, capacity: int, what: str, *,
         vsize = int(info.get("virtual-size") or 0)
     if vsize > capacity:
         raise _too_large(vsize, capacity, what)
-    p = _qemu_img("convert", "-q", "-W", "-f", fmt, "-O", "raw", str(src), str(dst))
+    # O_DIRECT writes (-t none) in parallel (-W): the copy is durable as written, which is
+    # faster than writing through the page cache and fsyncing; a file system without O_DIRECT
+    # (tmpfs) gets the cached write
+    p = _qemu_img("convert", "-q", "-t", "none", "-W", "-f", fmt, "-O", "raw", str(src), str(dst))
+    if p.returncode != 0:
+        dst.unlink(missing_ok=True)
+        p = _qemu_img("convert", "-q", "-W", "-f", fmt, "-O", "raw", str(src), str(dst))
     if p.returncode != 0:
         raise ImportFailed(f"{what}: qemu-img convert failed: {p.stderr.strip()[-500:]}",
                            reason="ConversionFailed", retryable=False)
@@ -763,17 +500,16 @@ def _copy_sparse(src_fd: int, dst_fd: int, size: int, meter: Meter) -> None:
         hole = os.lseek(src_fd, data, os.SEEK_HOLE)
         pos = data
         while pos < hole:
-            n = os.copy_file_range(src_fd, dst_fd, min(hole - pos, 256 << 20), pos, pos)
+            n = os.copy_file_range(src_fd, dst_fd, min(hole - pos, WRITEBACK_STEP), pos, pos)
             if n == 0:
                 break
+            start_writeback(dst_fd, pos, n)
             pos += n
             meter.count(n)
         offset = hole
 
 
 def _reflink(src_fd: int, dst_fd: int) -> bool:
-    import fcntl
-
     try:
         fcntl.ioctl(dst_fd, FICLONE, src_fd)
     except OSError:
@@ -831,9 +567,15 @@ def execute(args: ImportArgs) -> ImportResult:
     """The child's work: import, then rename into place. Raises :class:`ImportFailed`."""
     validate(args)
     started = time.monotonic()
-    if not args.dest_dir.is_dir():
-        raise ImportFailed(f"the volume directory {args.dest_dir} does not exist",
-                           reason="InvalidSource")
+    try:
+        lock = os.open(args.dest_dir, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError as e:
+        raise ImportFailed(f"the volume directory {args.dest_dir} is not usable: {e.strerror}",
+                           reason="InvalidSource") from e
+    # One importer per volume at a time: another one (say, left running by an agent that was
+    # killed) finishes first, then this one starts over from its own partial files.
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    _volume_lock[:] = [lock]
     discard_partials(args.dest_dir)
     meter = Meter(checksum=args.checksum if args.source in ("http", "stdin", "file") else "")
     try:
@@ -842,10 +584,14 @@ def execute(args: ImportArgs) -> ImportResult:
         elif args.source == "file":
             out = import_file(args, meter)
         elif args.source == "http":
+            from virtshift.storage.importnet import http_source
+
             out = import_stream(http_source(args, meter), meter, args, redact(args.url))
         elif args.source == "stdin":
             out = import_stream(stdin_source(args, meter), meter, args, "the upload")
         else:
+            from virtshift.storage.importnet import registry_source
+
             out = import_stream(registry_source(args, meter), meter, args, redact(args.url))
         partial, _ = partial_files(args.dest_dir)
         _finish(partial, args.capacity, args.dest_dir)
@@ -864,6 +610,20 @@ def execute(args: ImportArgs) -> ImportResult:
                         bytes_read=meter.done, seconds=round(time.monotonic() - started, 3))
 
 
+def _die_with_parent() -> None:
+    """Ask Linux for SIGKILL when the parent (the node agent) dies: its successor restarts the
+    import, and the volume lock makes it wait for a qemu-img still running."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.environ.get(PARENT_ENV, str(os.getppid())) != str(os.getppid()):
+        os._exit(1)  # the parent died before the request
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m virtshift.storage.importer",
                                      description="Import a disk into a volume directory "
@@ -872,6 +632,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dest-dir", required=True)
     opts = parser.parse_args(argv)
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    _die_with_parent()
     try:
         text = os.environ.get(ARGS_ENV)
         if not text:
