@@ -22,6 +22,7 @@ import pytest
 import yaml
 
 from tests.conftest import REPO
+from tests.e2e.test_pvc import run_in_guest
 from tests.e2e.vmtools import Cluster, guest_cluster, wait_for
 from virtshift.apiserver.pki import ensure_pki
 from virtshift.testing.guest import GuestImages
@@ -235,14 +236,7 @@ def test_bad_sources_end_in_a_clear_phase(cluster: Cluster,
 
 
 def guest_output(cluster: Cluster, name: str, command: str, until: str) -> str:
-    console = cluster.console(NS, name)
-    try:
-        console.wait_prompt()
-        mark = len(console.text)
-        console.send(command + "\n")
-        return console.read_until(until, 30, start=mark)[mark:]
-    finally:
-        console.close()
+    return run_in_guest(cluster, name, command, until, ns=NS)
 
 
 def test_a_claim_grows_online_and_offline_and_never_shrinks(cluster: Cluster) -> None:

@@ -33,8 +33,9 @@ def pvc_vm(name: str) -> dict[str, Any]:
     return vm
 
 
-def run_in_guest(cluster: Cluster, name: str, command: str, until: str) -> str:
-    console = cluster.console(NS, name)
+def run_in_guest(cluster: Cluster, name: str, command: str, until: str, ns: str = NS) -> str:
+    """The console output of ``command`` typed at VMI ``ns/name``'s shell, up to ``until``."""
+    console = cluster.console(ns, name)
     try:
         console.wait_prompt()
         mark = len(console.text)

@@ -37,6 +37,7 @@ from virtshift.api import cdi
 from virtshift.api.cdi import pv_node
 from virtshift.api.kinds import Obj
 from virtshift.controller.storage import claim_class
+from virtshift.controller.vmi import as_dict, as_list, meta, phase
 
 Key = tuple[str, str]
 
@@ -45,28 +46,12 @@ CONTROLLER_LABEL = {"app": "containerized-data-importer",
                     "app.kubernetes.io/managed-by": "cdi-controller"}
 
 
-def _dict(value: Any) -> dict[str, Any]:
-    return value if isinstance(value, dict) else {}
-
-
-def _list(value: Any) -> list[Any]:
-    return value if isinstance(value, list) else []
-
-
-def _meta(obj: Mapping[str, Any]) -> dict[str, Any]:
-    return _dict(obj.get("metadata"))
-
-
 def _ns(obj: Mapping[str, Any]) -> str:
-    return str(_meta(obj).get("namespace") or "default")
+    return str(meta(obj).get("namespace") or "default")
 
 
 def _name(obj: Mapping[str, Any]) -> str:
-    return str(_meta(obj).get("name") or "")
-
-
-def _phase(obj: Mapping[str, Any] | None) -> str:
-    return str(_dict(_dict(obj).get("status")).get("phase") or "") if obj else ""
+    return str(meta(obj).get("name") or "")
 
 
 # ---- actions ---------------------------------------------------------------------------------
@@ -130,11 +115,11 @@ class Source:
 def clone_origin(dv: Mapping[str, Any], datasources: Mapping[Key, Obj]) -> tuple[str, str, str]:
     """(namespace, name, error) of the claim a DataVolume clones (``source.pvc``, or
     ``sourceRef`` to a DataSource whose ``source.pvc`` names one)."""
-    spec = _dict(dv.get("spec"))
-    pvc = _dict(_dict(spec.get("source")).get("pvc"))
+    spec = as_dict(dv.get("spec"))
+    pvc = as_dict(as_dict(spec.get("source")).get("pvc"))
     if pvc:
         return str(pvc.get("namespace") or _ns(dv)), str(pvc.get("name") or ""), ""
-    ref = _dict(spec.get("sourceRef"))
+    ref = as_dict(spec.get("sourceRef"))
     if ref:
         if ref.get("kind") != "DataSource":
             return "", "", f"sourceRef kind {ref.get('kind')!r} is not supported (DataSource)"
@@ -142,7 +127,7 @@ def clone_origin(dv: Mapping[str, Any], datasources: Mapping[Key, Obj]) -> tuple
         ds = datasources.get(key)
         if ds is None:
             return "", "", f'DataSource "{key[0]}/{key[1]}" not found'
-        inner = _dict(_dict(_dict(ds.get("spec")).get("source")).get("pvc"))
+        inner = as_dict(as_dict(as_dict(ds.get("spec")).get("source")).get("pvc"))
         if not inner:
             return "", "", f'DataSource "{key[0]}/{key[1]}" does not name a PVC source'
         return str(inner.get("namespace") or key[0]), str(inner.get("name") or ""), ""
@@ -150,23 +135,23 @@ def clone_origin(dv: Mapping[str, Any], datasources: Mapping[Key, Obj]) -> tuple
 
 
 def source_of(dv: Mapping[str, Any], datasources: Mapping[Key, Obj]) -> Source:
-    spec = _dict(dv.get("spec"))
-    src = _dict(spec.get("source"))
+    spec = as_dict(dv.get("spec"))
+    src = as_dict(spec.get("source"))
     content = str(spec.get("contentType") or "kubevirt")
     if "http" in src:
-        http = _dict(src["http"])
+        http = as_dict(src["http"])
         url = str(http.get("url") or "")
         if not url:
             return Source(None, "import", "source.http.url is empty")
         return Source(cdi.PopulateSource(
             type="http", url=url, secret_ref=str(http.get("secretRef") or ""),
             cert_config_map=str(http.get("certConfigMap") or ""),
-            extra_headers=tuple(str(h) for h in _list(http.get("extraHeaders"))),
-            secret_extra_headers=tuple(str(h) for h in _list(http.get("secretExtraHeaders"))),
+            extra_headers=tuple(str(h) for h in as_list(http.get("extraHeaders"))),
+            secret_extra_headers=tuple(str(h) for h in as_list(http.get("secretExtraHeaders"))),
             insecure_skip_verify=http.get("insecureSkipVerify") is True,
             checksum=str(http.get("checksum") or ""), content_type=content), "import")
     if "registry" in src:
-        reg = _dict(src["registry"])
+        reg = as_dict(src["registry"])
         url = str(reg.get("url") or "")
         if not url:
             return Source(None, "import", "source.registry.url is required (imageStream is "
@@ -198,20 +183,20 @@ def source_of(dv: Mapping[str, Any], datasources: Mapping[Key, Obj]) -> Source:
 def claim_spec(dv: Mapping[str, Any], source_pvc: Mapping[str, Any] | None) -> tuple[Obj, str]:
     """The claim's spec from ``spec.pvc`` (verbatim) or ``spec.storage`` (defaults filled);
     (spec, error)."""
-    spec = _dict(dv.get("spec"))
+    spec = as_dict(dv.get("spec"))
     if "pvc" in spec and spec.get("pvc") is not None:
-        out = copy.deepcopy(_dict(spec["pvc"]))
+        out = copy.deepcopy(as_dict(spec["pvc"]))
         out.setdefault("volumeMode", "Filesystem")
     else:
-        out = copy.deepcopy(_dict(spec.get("storage")))
+        out = copy.deepcopy(as_dict(spec.get("storage")))
         if not out.get("accessModes"):
-            src_modes = _list(_dict((source_pvc or {}).get("spec")).get("accessModes"))
+            src_modes = as_list(as_dict((source_pvc or {}).get("spec")).get("accessModes"))
             out["accessModes"] = list(src_modes) or ["ReadWriteOnce"]
         out.setdefault("volumeMode", "Filesystem")
-    requests = _dict(_dict(out.get("resources")).get("requests"))
+    requests = as_dict(as_dict(out.get("resources")).get("requests"))
     if not requests.get("storage"):
-        size = (_dict(_dict(_dict(source_pvc or {}).get("status")).get("capacity")).get(
-            "storage") or _dict(_dict(_dict(_dict(source_pvc or {}).get("spec")).get(
+        size = (as_dict(as_dict(as_dict(source_pvc or {}).get("status")).get("capacity")).get(
+            "storage") or as_dict(as_dict(as_dict(as_dict(source_pvc or {}).get("spec")).get(
                 "resources")).get("requests")).get("storage"))
         if not size:
             return out, "the storage size is missing (spec.storage.resources.requests.storage)"
@@ -220,18 +205,18 @@ def claim_spec(dv: Mapping[str, Any], source_pvc: Mapping[str, Any] | None) -> t
 
 
 def owner_reference(dv: Mapping[str, Any]) -> Obj:
-    meta = _meta(dv)
+    md = meta(dv)
     return {"apiVersion": "cdi.kubevirt.io/v1beta1", "kind": "DataVolume",
-            "name": str(meta.get("name")), "uid": str(meta.get("uid")), "controller": True,
+            "name": str(md.get("name")), "uid": str(md.get("uid")), "controller": True,
             "blockOwnerDeletion": True}
 
 
 def build_claim(dv: Mapping[str, Any], spec: Obj, source: cdi.PopulateSource) -> Obj:
-    meta = _meta(dv)
+    md = meta(dv)
     ann: dict[str, str] = {cdi.ANN_POPULATE: source.to_json(),
                            cdi.ANN_CONTENT_TYPE: source.content_type,
                            cdi.ANN_POPULATED_FOR: _name(dv)}
-    dv_ann = _dict(meta.get("annotations"))
+    dv_ann = as_dict(md.get("annotations"))
     if dv_ann.get(cdi.ANN_BIND_IMMEDIATE) == "true":
         ann[cdi.ANN_BIND_IMMEDIATE] = "true"
     if source.type in ("http", "registry", "blank"):
@@ -243,7 +228,7 @@ def build_claim(dv: Mapping[str, Any], spec: Obj, source: cdi.PopulateSource) ->
     elif source.type == "clone":
         ann[cdi.ANN_CLONE_REQUEST] = f"{source.source_namespace}/{source.source_name}"
     labels = dict(CONTROLLER_LABEL)
-    labels.update({str(k): str(v) for k, v in _dict(meta.get("labels")).items()})
+    labels.update({str(k): str(v) for k, v in as_dict(md.get("labels")).items()})
     return {"apiVersion": "v1", "kind": "PersistentVolumeClaim",
             "metadata": {"name": _name(dv), "namespace": _ns(dv), "labels": labels,
                          "annotations": ann, "ownerReferences": [owner_reference(dv)]},
@@ -251,19 +236,19 @@ def build_claim(dv: Mapping[str, Any], spec: Obj, source: cdi.PopulateSource) ->
 
 
 def owned_by(pvc: Mapping[str, Any], dv: Mapping[str, Any]) -> bool:
-    uid = _meta(dv).get("uid")
-    return any(_dict(r).get("uid") == uid for r in _list(_meta(pvc).get("ownerReferences")))
+    uid = meta(dv).get("uid")
+    return any(as_dict(r).get("uid") == uid for r in as_list(meta(pvc).get("ownerReferences")))
 
 
 def source_in_use(ns: str, name: str, vmis: list[Obj]) -> str:
     """The name of a VMI (not final) that uses claim ``ns/name``, or ""."""
     for vmi in vmis:
-        if _ns(vmi) != ns or _phase(vmi) in ("Succeeded", "Failed"):
+        if _ns(vmi) != ns or phase(vmi) in ("Succeeded", "Failed"):
             continue
-        for volume in _list(_dict(vmi.get("spec")).get("volumes")):
-            volume = _dict(volume)
-            claim = (_dict(volume.get("persistentVolumeClaim")).get("claimName")
-                     or _dict(volume.get("dataVolume")).get("name"))
+        for volume in as_list(as_dict(vmi.get("spec")).get("volumes")):
+            volume = as_dict(volume)
+            claim = (as_dict(volume.get("persistentVolumeClaim")).get("claimName")
+                     or as_dict(volume.get("dataVolume")).get("name"))
             if claim == name:
                 return _name(vmi)
     return ""
@@ -289,8 +274,8 @@ def _status(old: Mapping[str, Any], *, phase: str, progress: str, claim: str, re
     if claim:
         status["claimName"] = claim
     # keep the timestamps of conditions that did not change
-    old_conds = {str(_dict(c).get("type")): _dict(c)
-                 for c in _list(_dict(old.get("status")).get("conditions"))}
+    old_conds = {str(as_dict(c).get("type")): as_dict(c)
+                 for c in as_list(as_dict(old.get("status")).get("conditions"))}
     for cond in status["conditions"]:
         prior = old_conds.get(cond["type"])
         if prior and all(prior.get(k) == cond.get(k) for k in ("status", "reason", "message")):
@@ -307,7 +292,7 @@ def _phases(kind: str) -> tuple[str, str]:
 
 
 def claim_waits_for_consumer(pvc: Mapping[str, Any], classes: list[Obj]) -> bool:
-    ann = _dict(_meta(pvc).get("annotations"))
+    ann = as_dict(meta(pvc).get("annotations"))
     if ann.get("volume.kubernetes.io/selected-node") or ann.get(cdi.ANN_BIND_IMMEDIATE) == "true":
         return False
     sc = claim_class(pvc, classes)
@@ -316,11 +301,11 @@ def claim_waits_for_consumer(pvc: Mapping[str, Any], classes: list[Obj]) -> bool
 
 def reconcile(inp: DVInputs) -> list[DVAction]:
     dv = inp.dv
-    meta = _meta(dv)
-    if meta.get("deletionTimestamp"):
+    md = meta(dv)
+    if md.get("deletionTimestamp"):
         return []
     ns, name = _ns(dv), _name(dv)
-    old_status = _dict(dv.get("status"))
+    old_status = as_dict(dv.get("status"))
     out: list[DVAction] = []
 
     def status(phase: str, *, progress: str = "N/A", restarts: int = 0, bound: Obj | None = None,
@@ -332,8 +317,8 @@ def reconcile(inp: DVInputs) -> list[DVAction]:
         if _comparable(new) != _comparable(old_status):
             out.append(SetStatus(ns, name, new))
 
-    old_running = next((_dict(c) for c in _list(old_status.get("conditions"))
-                        if _dict(c).get("type") == "Running"), {})
+    old_running = next((as_dict(c) for c in as_list(old_status.get("conditions"))
+                        if as_dict(c).get("type") == "Running"), {})
 
     def event(etype: str, reason: str, message: str) -> None:
         # once per change of reason or message: the Running condition carries them too
@@ -349,7 +334,7 @@ def reconcile(inp: DVInputs) -> list[DVAction]:
 
     pvc = inp.pvc
     if (pvc is not None and not owned_by(pvc, dv)
-            and _dict(_meta(pvc).get("annotations")).get(cdi.ANN_POPULATED_FOR) != name):
+            and as_dict(meta(pvc).get("annotations")).get(cdi.ANN_POPULATED_FOR) != name):
         message = f'Resource "{name}" already exists and is not managed by DataVolume'
         event("Warning", "ErrResourceExists", message)
         status("Pending", running=_condition("Running", "False", "ErrResourceExists", message))
@@ -365,7 +350,7 @@ def reconcile(inp: DVInputs) -> list[DVAction]:
             if source_pvc is None:
                 waiting = f'clone source "{key[0]}/{key[1]}" not found'
                 reason = "CloneSourceNotFound"
-            elif _phase(source_pvc) != "Bound" or not cdi.populated(source_pvc):
+            elif phase(source_pvc) != "Bound" or not cdi.populated(source_pvc):
                 waiting = f'clone source "{key[0]}/{key[1]}" is not populated yet'
                 reason = "CloneSourceNotReady"
             else:
@@ -379,7 +364,7 @@ def reconcile(inp: DVInputs) -> list[DVAction]:
                 status("CloneScheduled", running=_condition("Running", "False", reason,
                                                             waiting))
                 return out
-            volume = str(_dict(source_pvc and source_pvc.get("spec")).get("volumeName") or "")
+            volume = str(as_dict(source_pvc and source_pvc.get("spec")).get("volumeName") or "")
             node = pv_node(inp.pvs.get(volume) or {})
             populate = cdi.PopulateSource(**{**populate.__dict__, "node": node})
 
@@ -394,8 +379,8 @@ def reconcile(inp: DVInputs) -> list[DVAction]:
                bound=_condition("Bound", "Unknown", "Pending", f"PVC {name} Pending"))
         return out
 
-    ann = _dict(_meta(pvc).get("annotations"))
-    bound_phase = _phase(pvc)
+    ann = as_dict(meta(pvc).get("annotations"))
+    bound_phase = phase(pvc)
     scheduled, in_progress = _phases(source.kind)
     restarts = int(str(ann.get(cdi.ANN_POD_RESTARTS) or "0") or 0)
     if bound_phase == "Lost":
@@ -418,7 +403,7 @@ def reconcile(inp: DVInputs) -> list[DVAction]:
     progress = str(ann.get(cdi.ANN_PROGRESS) or "N/A")
     if pod == cdi.POD_SUCCEEDED:
         what = {"import": "Import", "upload": "Upload", "clone": "Clone"}[source.kind]
-        if _phase(dv) != "Succeeded":
+        if phase(dv) != "Succeeded":
             verb = {"import": "imported", "upload": "uploaded", "clone": "cloned"}[source.kind]
             out.append(RecordEvent(ns, name, "Normal", f"{what}Succeeded",
                                    f"Successfully {verb} into PVC {name}"))
@@ -447,7 +432,7 @@ def reconcile(inp: DVInputs) -> list[DVAction]:
 
 def _comparable(status: Mapping[str, Any]) -> Obj:
     out = copy.deepcopy(dict(status))
-    for cond in _list(out.get("conditions")):
+    for cond in as_list(out.get("conditions")):
         if isinstance(cond, dict):
             cond.pop("lastTransitionTime", None)
             cond.pop("lastHeartbeatTime", None)
@@ -460,8 +445,8 @@ def _comparable(status: Mapping[str, Any]) -> Obj:
 def annotated_claim_source(pvc: Mapping[str, Any]) -> cdi.PopulateSource | None:
     """A claim created with CDI's import or upload annotations but without the contract's
     ``virtshift.io/populate`` (kubectl users of CDI's PVC API): the source to write into it."""
-    ann = _dict(_meta(pvc).get("annotations"))
-    if cdi.ANN_POPULATE in ann or _meta(pvc).get("deletionTimestamp"):
+    ann = as_dict(meta(pvc).get("annotations"))
+    if cdi.ANN_POPULATE in ann or meta(pvc).get("deletionTimestamp"):
         return None
     if cdi.ANN_UPLOAD_TARGET in ann:
         return cdi.PopulateSource(type="upload")
