@@ -13,6 +13,7 @@ import lzma
 import ssl
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
@@ -398,3 +399,74 @@ def test_https_import_with_a_private_ca_and_basic_auth(
     finally:
         httpd.shutdown()
         httpd.server_close()
+
+
+class SlowHandler(http.server.SimpleHTTPRequestHandler):
+    """Serves files at about 10 MiB/s (a slow link), so an import is seen mid-way."""
+
+    def copyfile(self, source: Any, outputfile: Any) -> None:
+        while chunk := source.read(1 << 20):
+            outputfile.write(chunk)
+            outputfile.flush()
+            time.sleep(0.1)  # the link's pace, not a synchronisation
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+def test_progress_is_reported_while_importing(cluster: Cluster,
+                                              images: tuple[Server, Path]) -> None:
+    _, root = images
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0),
+                                            partial(SlowHandler, directory=str(root)))
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{httpd.server_address[1]}/guest.raw"
+        create_dv(cluster, datavolume("slow", {"http": {"url": url}}, annotations=IMMEDIATE))
+        seen: set[str] = set()
+
+        def midway() -> bool:
+            status = dv_of(cluster, "slow").get("status") or {}
+            if status.get("phase") == "ImportInProgress":
+                seen.add(status.get("progress", ""))
+            return any(p.endswith("%") and 0 < float(p[:-1]) < 100 for p in seen)
+
+        wait_for(midway, "a progress between 0% and 100%", 60, interval=0.1)
+        dv = wait_dv(cluster, "slow", "Succeeded", 60)
+        assert dv["status"]["progress"] == "100.0%"
+        assert condition(dv, "Running")["reason"] == "Completed"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def test_registry_import_from_an_insecure_registry(cluster: Cluster,
+                                                   images: tuple[Server, Path]) -> None:
+    from tests.integration.test_importer import PASSWORD, Registry, layer
+    from tests.integration.test_importer import Server as RegistryServer
+
+    _, root = images
+    server = RegistryServer().start()
+    try:
+        Registry(server, "disks/alpine", "v1",
+                 [layer({"disk/": b"", "./disk/guest.qcow2": (root / "guest.qcow2").read_bytes()})])
+        host = f"127.0.0.1:{server.port}"
+        config = {"apiVersion": "cdi.kubevirt.io/v1beta1", "kind": "CDIConfig",
+                  "metadata": {"name": "config"}, "spec": {"insecureRegistries": [host]}}
+        configs = "/apis/cdi.kubevirt.io/v1beta1/cdiconfigs"
+        if cluster.request("POST", configs, config).status_code == 409:
+            cluster.kubectl.run("patch", "cdiconfig", "config", "--type", "merge", "-p",
+                                json.dumps({"spec": {"insecureRegistries": [host]}}))
+        assert cluster.request("POST", f"/api/v1/namespaces/{NS}/secrets", {
+            "apiVersion": "v1", "kind": "Secret", "metadata": {"name": "registry-creds"},
+            "stringData": {"accessKeyId": "puller", "secretKey": PASSWORD}}).status_code == 201
+        create_dv(cluster, datavolume("fromregistry", {"registry": {
+            "url": f"docker://{host}/disks/alpine:v1", "secretRef": "registry-creds"}},
+            annotations=IMMEDIATE))
+        wait_dv(cluster, "fromregistry", "Succeeded")
+        raw = root / "guest.raw"
+        assert sha(volume_image(cluster, "fromregistry"), raw.stat().st_size) == \
+            sha(raw, raw.stat().st_size)
+    finally:
+        server.httpd.shutdown()
+        server.httpd.server_close()

@@ -374,6 +374,16 @@ class Populator:
                                reason="CloneSourceNotFound", retryable=True)
         return image
 
+    async def _insecure_registries(self) -> set[str]:
+        """CDIConfig ``config``'s ``spec.insecureRegistries``: registries reached over plain
+        HTTP or without verifying their certificate."""
+        try:
+            config = await self.client.get(
+                REGISTRY.require("cdi.kubevirt.io", "v1beta1", "CDIConfig"), None, "config")
+        except NotFound:
+            return set()
+        return {str(r) for r in _dict(config.get("spec")).get("insecureRegistries") or []}
+
     async def _remote_args(self, ns: str, source: cdi.PopulateSource, dest: Path,
                            capacity: int, tmp: Path) -> Any:
         from virtshift.storage.importer import ImportArgs, ImportFailed
@@ -399,10 +409,18 @@ class Populator:
                 ca_file = str(bundle)
         except NotFound as e:
             raise ImportFailed(f"{e}", reason="Error", retryable=True) from e
+        insecure = source.insecure_skip_verify
+        if source.type == "registry":
+            insecure = insecure or registry_host(source.url) in await self._insecure_registries()
         return ImportArgs(source="registry" if source.type == "registry" else "http",
                           dest_dir=dest, capacity=capacity, url=source.url, ca_file=ca_file,
-                          insecure=source.insecure_skip_verify, username=username,
+                          insecure=insecure, username=username,
                           password=password, headers=tuple(headers), checksum=source.checksum)
+
+
+def registry_host(url: str) -> str:
+    """``host[:port]`` of a ``docker://host[:port]/repo:tag`` URL."""
+    return url.removeprefix("docker://").split("/", 1)[0]
 
 
 def _secret_data(secret: Mapping[str, Any]) -> dict[str, str]:
