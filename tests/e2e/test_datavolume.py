@@ -157,7 +157,8 @@ def test_http_imports_qcow2_and_raw_xz_then_clones_and_blank(
     out = cluster.kubectl.run("get", "dv", "-n", NS, "qcow2").stdout
     assert "Succeeded" in out and "100.0%" in out
 
-    create_dv(cluster, datavolume("copy", {"pvc": {"namespace": NS, "name": "qcow2"}}))
+    create_dv(cluster, datavolume("copy", {"pvc": {"namespace": NS, "name": "qcow2"}},
+                                  annotations=IMMEDIATE))
     dv = wait_dv(cluster, "copy", "Succeeded")
     assert sha(volume_image(cluster, "copy"), size) == sha(raw, size)
     pvc = cluster.request("GET", f"/api/v1/namespaces/{NS}/persistentvolumeclaims/copy").json()

@@ -662,3 +662,59 @@ def test_import_runs_on_the_node_the_vm_is_placed_on(cluster: Cluster, ns: str,
         assert sha(image, raw.stat().st_size) == sha(raw, raw.stat().st_size)
     finally:
         server.close()
+
+
+def test_clone_to_another_node_is_host_assisted(cluster: Cluster, ns: str,
+                                                tmp_path: Path) -> None:
+    """A golden DataVolume on one node, cloned by a VM's dataVolumeTemplate for a VM pinned to
+    the other node: the copy streams from the source node's agent to the target's."""
+    from tests.e2e.test_datavolume import Server, sha
+    from virtshift.testing.guest import GuestImages
+
+    net = nodenet.load(cluster.data_dir)
+    assert net is not None
+    guest = GuestImages.locate().disk
+    (tmp_path / "guest.qcow2").write_bytes(guest.read_bytes())
+    server = Server(tmp_path, host=net.gateway)
+    dvs = f"/apis/cdi.kubevirt.io/v1beta1/namespaces/{ns}/datavolumes"
+    try:
+        golden = {"apiVersion": "cdi.kubevirt.io/v1beta1", "kind": "DataVolume",
+                  "metadata": {"name": "golden", "annotations": {
+                      "cdi.kubevirt.io/storage.bind.immediate.requested": "true"}},
+                  "spec": {"source": {"http": {"url": server.url("guest.qcow2")}},
+                           "storage": {"resources": {"requests": {"storage": "80Mi"}}}}}
+        assert cluster.request("POST", dvs, golden).status_code == 201
+        wait_for(lambda: cluster.request("GET", f"{dvs}/golden").json().get("status", {}).get(
+            "phase") == "Succeeded", "the golden image to be imported", 90)
+    finally:
+        server.close()
+
+    def volume(claim: str) -> dict[str, Any]:
+        pvc = cluster.request("GET", f"/api/v1/namespaces/{ns}/persistentvolumeclaims/{claim}")
+        out: dict[str, Any] = cluster.request(
+            "GET", f"/api/v1/persistentvolumes/{pvc.json()['spec']['volumeName']}").json()
+        return out
+
+    source = volume("golden")
+    source_node = source["spec"]["nodeAffinity"]["required"]["nodeSelectorTerms"][0][
+        "matchExpressions"][0]["values"][0]
+    other = "node02" if source_node == "node01" else "node01"
+    spec = migratable_spec(disk=False)
+    spec["nodeSelector"] = {"kubernetes.io/hostname": other}
+    spec["volumes"].insert(0, {"name": "data", "dataVolume": {"name": "copy"}})
+    spec["domain"]["devices"]["disks"].insert(0, {"name": "data", "disk": {"bus": "virtio"}})
+    cluster.create(ns, {"apiVersion": "kubevirt.io/v1", "kind": "VirtualMachine",
+                        "metadata": {"name": "cloned"},
+                        "spec": {"runStrategy": "Always", "template": {"spec": spec},
+                                 "dataVolumeTemplates": [{"metadata": {"name": "copy"}, "spec": {
+                                     "source": {"pvc": {"namespace": ns, "name": "golden"}},
+                                     "storage": {}}}]}})
+    vmi = cluster.wait_vmi_phase(ns, "cloned", "Running", timeout=120)
+    assert vmi["status"]["nodeName"] == other
+    copy = volume("copy")
+    assert copy["spec"]["nodeAffinity"]["required"]["nodeSelectorTerms"][0][
+        "matchExpressions"][0]["values"] == [other]
+    assert copy["spec"]["capacity"]["storage"] == "80Mi"  # the source's size
+    image = Path(copy["spec"]["hostPath"]["path"]) / "disk.img"
+    original = Path(source["spec"]["hostPath"]["path"]) / "disk.img"
+    assert sha(image, 80 * 2**20) == sha(original, 80 * 2**20)

@@ -133,7 +133,7 @@ def test_upload_is_ready_only_when_the_node_says_so() -> None:
     assert status_of(run(d, ready))["phase"] == "UploadReady"
 
 
-def test_clone_waits_for_its_source_and_lands_on_its_node() -> None:
+def test_clone_waits_for_its_source_and_lands_on_its_node_or_its_consumers() -> None:
     d = dv({"pvc": {"namespace": "ns", "name": "golden"}}, storage={})
     s = status_of(run(d))
     assert s["phase"] == "CloneScheduled"
@@ -148,6 +148,14 @@ def test_clone_waits_for_its_source_and_lands_on_its_node() -> None:
            "spec": {"volumes": [{"name": "d", "persistentVolumeClaim": {"claimName": "golden"}}]}}
     s = status_of(run(d, pvcs={("ns", "golden"): src}, pvs={"pvc-g": pv}, vmis=[vmi]))
     assert cond(s, "Running")["reason"] == "CloneSourceInUse"
+    # waiting for its consumer: copied to wherever the consumer runs (host-assisted)
+    actions = run(d, pvcs={("ns", "golden"): src}, pvs={"pvc-g": pv})
+    create = next(a for a in actions if isinstance(a, CreateClaim))
+    populate = cdi.PopulateSource.from_json(
+        create.pvc["metadata"]["annotations"][cdi.ANN_POPULATE])
+    assert (populate.type, populate.source_name, populate.node) == ("clone", "golden", "")
+    # bound at once: a local copy on the source's node
+    d["metadata"]["annotations"] = {cdi.ANN_BIND_IMMEDIATE: "true"}
     actions = run(d, pvcs={("ns", "golden"): src}, pvs={"pvc-g": pv})
     create = next(a for a in actions if isinstance(a, CreateClaim))
     populate = cdi.PopulateSource.from_json(

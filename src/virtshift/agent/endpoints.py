@@ -23,6 +23,7 @@ from collections.abc import Awaitable, Callable
 import aiohttp
 from aiohttp import web
 
+from virtshift.agent.populate import VolumeExport
 from virtshift.agent.upload import UploadServer
 from virtshift.agent.vmis import Domain, VMISync
 from virtshift.aio import until_first
@@ -86,6 +87,8 @@ class AgentEndpoints:
         app.router.add_get(PREFIX + "/guestosinfo", self._wrap(self.guestosinfo))
         app.router.add_get("/healthz", self._healthz)
         UploadServer(self.sync.client, node=self.sync.node,
+                     storage_root=self.sync.preparer.storage_root).routes(app)
+        VolumeExport(self.sync.client, node=self.sync.node,
                      storage_root=self.sync.preparer.storage_root).routes(app)
 
     @web.middleware

@@ -120,13 +120,14 @@ class NodeAgent:
                             data_dir=config.data_dir, accel=self.accel, preparer=preparer)
         self.snapshots = SnapshotAgent(self.client, node_name=config.node_name,
                                        storage_root=config.data_dir / "storage", vmis=self.vmis)
+        token = (config.proxy_token_file.read_text().strip()
+                 if config.proxy_token_file is not None else "")
         self.populator = Populator(self.client, node_name=config.node_name,
                                    storage_root=config.data_dir / "storage",
                                    work_dir=config.data_dir / "populate",
-                                   online_resize=self.vmis.resize_disk)
+                                   online_resize=self.vmis.resize_disk,
+                                   proxy_token=token)
         self.http = web.Application()
-        token = (config.proxy_token_file.read_text().strip()
-                 if config.proxy_token_file is not None else "")
         self.http["endpoints"] = endpoints = AgentEndpoints(self.vmis, token)
         endpoints.routes(self.http)
 

@@ -36,6 +36,8 @@ from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from aiohttp import web
+
 from virtshift.agent.loopdev import LoopDevices
 from virtshift.aio import stop_tasks
 from virtshift.api import cdi
@@ -142,8 +144,10 @@ class Populator:
 
     def __init__(self, client: Client, *, node_name: str, storage_root: Path,
                  work_dir: Path,
-                 online_resize: Callable[[Path, int], Awaitable[bool]] | None = None) -> None:
+                 online_resize: Callable[[Path, int], Awaitable[bool]] | None = None,
+                 proxy_token: str = "") -> None:
         self.client = client
+        self.proxy_token = proxy_token
         self.online_resize = online_resize
         self.resizing: dict[Key, asyncio.Task[None]] = {}
         self.node = node_name
@@ -321,8 +325,16 @@ class Populator:
             elif source.type == "blank":
                 args = ImportArgs(source="blank", dest_dir=dest, capacity=capacity)
             elif source.type == "clone":
-                args = ImportArgs(source="file", dest_dir=dest, capacity=capacity,
-                                  path=str(await self._clone_source(source)))
+                origin = await self._clone_source(source)
+                if isinstance(origin, Path):
+                    args = ImportArgs(source="file", dest_dir=dest, capacity=capacity,
+                                      path=str(origin))
+                else:  # host-assisted: stream it from the node that holds it
+                    bundle = Path(tmp) / "cluster-ca.pem"
+                    await asyncio.to_thread(bundle.write_bytes, self.client.config.ca_pem)
+                    args = ImportArgs(source="http", dest_dir=dest, capacity=capacity,
+                                      url=origin, ca_file=str(bundle), headers=(
+                                          f"Authorization: Bearer {self.proxy_token}",))
             elif source.type == "snapshot":
                 from virtshift.agent.disks import DiskError, confined
 
@@ -347,7 +359,9 @@ class Populator:
         self.work_dir.mkdir(parents=True, exist_ok=True)
         return self.work_dir
 
-    async def _clone_source(self, source: cdi.PopulateSource) -> Path:
+    async def _clone_source(self, source: cdi.PopulateSource) -> Path | str:
+        """The source claim's disk: its path when this node reaches it, else the URL of its
+        node's volume export."""
         from virtshift.agent.disks import DiskError
         from virtshift.api.cdi import pv_node
         from virtshift.storage.importer import ImportFailed
@@ -363,8 +377,7 @@ class Populator:
             raise ImportFailed(f'clone source persistentvolumeclaim "{ns}/{name}" is not bound '
                                "to a volume", reason="CloneSourceNotFound", retryable=True)
         if pv_node(pv) and pv_node(pv) != self.node:
-            raise ImportFailed(f'clone source "{ns}/{name}" is on node {pv_node(pv)}, not on '
-                               f"{self.node}", reason="CloneSourceOnOtherNode", retryable=False)
+            return await self._export_url(pv, f"{ns}/{name}")
         try:
             image = volume_dir(pv, await self._roots(pv)) / "disk.img"
         except DiskError as e:
@@ -373,6 +386,22 @@ class Populator:
             raise ImportFailed(f'clone source "{ns}/{name}" has no disk yet',
                                reason="CloneSourceNotFound", retryable=True)
         return image
+
+    async def _export_url(self, pv: Obj, what: str) -> str:
+        from virtshift.api.cdi import pv_node
+        from virtshift.storage.importer import ImportFailed
+
+        node_name = pv_node(pv)
+        try:
+            node = await self.client.get(REGISTRY.require("", "v1", "Node"), None, node_name)
+        except NotFound as e:
+            raise ImportFailed(f'clone source "{what}" is on node {node_name}, which is gone',
+                               reason="CloneSourceNotFound", retryable=True) from e
+        url = agent_url(node)
+        if not url or not self.proxy_token:
+            raise ImportFailed(f'clone source "{what}" is on node {node_name}, which publishes '
+                               "no agent endpoint", reason="CloneSourceNotFound", retryable=True)
+        return f"{url}/v1/persistentvolumes/{_dict(pv.get('metadata')).get('name')}/disk.img"
 
     async def _insecure_registries(self) -> set[str]:
         """CDIConfig ``config``'s ``spec.insecureRegistries``: registries reached over plain
@@ -418,9 +447,55 @@ class Populator:
                           password=password, headers=tuple(headers), checksum=source.checksum)
 
 
+def agent_url(node: Mapping[str, Any]) -> str:
+    """``https://address:port`` of a node's agent (InternalIP and the kubelet endpoint port),
+    "" when it publishes none."""
+    status = _dict(node.get("status"))
+    address = next((str(_dict(a).get("address")) for a in status.get("addresses") or []
+                    if _dict(a).get("type") == "InternalIP"), "")
+    port = _dict(_dict(status.get("daemonEndpoints")).get("kubeletEndpoint")).get("Port")
+    if not address or not port:
+        return ""
+    host = f"[{address}]" if ":" in address else address
+    return f"https://{host}:{port}"
+
+
 def registry_host(url: str) -> str:
     """``host[:port]`` of a ``docker://host[:port]/repo:tag`` URL."""
     return url.removeprefix("docker://").split("/", 1)[0]
+
+
+class VolumeExport:
+    """``GET /v1/persistentvolumes/{name}/disk.img`` on the agent: a volume of this node as a
+    raw stream, for a host-assisted clone on another node (behind the agent's token check)."""
+
+    def __init__(self, client: Client, *, node: str, storage_root: Path | None) -> None:
+        self.client = client
+        self.node = node
+        self.storage_root = storage_root
+
+    def routes(self, app: web.Application) -> None:
+        app.router.add_get("/v1/persistentvolumes/{name}/disk.img", self.serve)
+
+    async def serve(self, request: web.Request) -> web.StreamResponse:
+        from virtshift.agent.disks import DiskError, volume_roots
+
+        name = request.match_info["name"]
+        try:
+            pv = await self.client.get(REGISTRY.require("", "v1", "PersistentVolume"), None,
+                                       name)
+        except NotFound:
+            raise web.HTTPNotFound(text=f'persistentvolume "{name}" not found') from None
+        if cdi.populating_node(pv) != self.node:
+            raise web.HTTPNotFound(text=f"persistentvolume {name} is not on {self.node}")
+        try:
+            image = volume_dir(pv, await volume_roots(self.client, pv, self.storage_root))
+        except DiskError as e:
+            raise web.HTTPForbidden(text=str(e)) from None
+        image = image / "disk.img"
+        if not await asyncio.to_thread(image.is_file):
+            raise web.HTTPNotFound(text=f"persistentvolume {name} has no disk yet")
+        return web.FileResponse(image, headers={"Content-Type": "application/octet-stream"})
 
 
 def _secret_data(secret: Mapping[str, Any]) -> dict[str, str]:

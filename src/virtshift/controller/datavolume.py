@@ -29,6 +29,7 @@ source's node. A claim of that name that the DataVolume does not own is an error
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -291,6 +292,14 @@ def _phases(kind: str) -> tuple[str, str]:
             "clone": ("CloneScheduled", "CloneInProgress")}[kind]
 
 
+def waits_for_consumer(dv: Mapping[str, Any], spec: Obj, classes: list[Obj]) -> bool:
+    """Whether the claim ``spec`` of ``dv`` will bind on first use."""
+    if as_dict(meta(dv).get("annotations")).get(cdi.ANN_BIND_IMMEDIATE) == "true":
+        return False
+    sc = claim_class({"spec": spec}, classes)
+    return sc is not None and sc.get("volumeBindingMode") == "WaitForFirstConsumer"
+
+
 def claim_waits_for_consumer(pvc: Mapping[str, Any], classes: list[Obj]) -> bool:
     ann = as_dict(meta(pvc).get("annotations"))
     if ann.get("volume.kubernetes.io/selected-node") or ann.get(cdi.ANN_BIND_IMMEDIATE) == "true":
@@ -342,6 +351,7 @@ def reconcile(inp: DVInputs) -> list[DVAction]:
 
     populate = source.populate
     source_pvc: Obj | None = None
+    source_node = ""
     if populate.type == "clone":
         key = (populate.source_namespace, populate.source_name)
         source_pvc = inp.pvcs.get(key)
@@ -365,8 +375,7 @@ def reconcile(inp: DVInputs) -> list[DVAction]:
                                                             waiting))
                 return out
             volume = str(as_dict(source_pvc and source_pvc.get("spec")).get("volumeName") or "")
-            node = pv_node(inp.pvs.get(volume) or {})
-            populate = cdi.PopulateSource(**{**populate.__dict__, "node": node})
+            source_node = pv_node(inp.pvs.get(volume) or {})
 
     if pvc is None:
         spec, error = claim_spec(dv, source_pvc)
@@ -374,6 +383,10 @@ def reconcile(inp: DVInputs) -> list[DVAction]:
             event("Warning", "Error", error)
             status("Failed", running=_condition("Running", "False", "Error", error))
             return out
+        if source_node and not waits_for_consumer(dv, spec, inp.classes):
+            # a local copy: the clone lands where its source is; a claim that waits for its
+            # consumer is copied to the consumer's node instead (host-assisted)
+            populate = dataclasses.replace(populate, node=source_node)
         out.append(CreateClaim(build_claim(dv, spec, populate)))
         status("Pending", claim=name,
                bound=_condition("Bound", "Unknown", "Pending", f"PVC {name} Pending"))
