@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from virtshift.agent import snapshot as agent_snapshot
-from virtshift.agent.snapshot import data_extents, holes, punch_holes, sparse_copy
+from virtshift.agent.snapshot import holes, punch_holes, sparse_copy
 from virtshift.api import cdi
 from virtshift.controller import snapshot as ctl
 from virtshift.controller.snapshot import (
@@ -33,6 +33,7 @@ from virtshift.controller.snapshot import (
     reconcile_restore,
     reconcile_snapshot,
 )
+from virtshift.storage.sparse import data_extents
 
 Obj = dict[str, Any]
 T0 = datetime.datetime(2026, 5, 6, 7, 8, 9, tzinfo=datetime.UTC)

@@ -29,7 +29,6 @@ import ctypes
 import ctypes.util
 import datetime
 import errno
-import fcntl
 import json
 import logging
 import os
@@ -52,6 +51,7 @@ from virtshift.errors import ApiError, NotFound, VirtshiftError
 from virtshift.launcher.common import LauncherError
 from virtshift.launcher.guestagent import GuestAgent, GuestAgentError
 from virtshift.launcher.qmp import QmpSession
+from virtshift.storage.sparse import Extents, copy_extents, data_extents, reflink
 
 if TYPE_CHECKING:
     from virtshift.agent.vmis import Domain, VMISync
@@ -64,7 +64,6 @@ LABEL_NODE = "virtshift.io/snapshot-node"
 ANN_DIR = "virtshift.io/snapshot-dir"
 ANN_STATS = "virtshift.io/snapshot-stats"
 
-FICLONE = 0x40049409
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
 CHUNK = 1 << 30
@@ -73,7 +72,6 @@ JOB_POLL = 0.05
 FREEZE_TIMEOUT = 10.0
 
 Key = tuple[str, str]
-Extents = list[tuple[int, int]]
 
 
 class SnapshotError(VirtshiftError):
@@ -89,23 +87,6 @@ def _now() -> str:
 
 
 # ---- sparse files ----------------------------------------------------------------------------
-
-
-def data_extents(fd: int, size: int) -> Extents:
-    """The (start, end) ranges holding data, by ``SEEK_DATA``/``SEEK_HOLE``."""
-    out: Extents = []
-    pos = 0
-    while pos < size:
-        try:
-            start = os.lseek(fd, pos, os.SEEK_DATA)
-        except OSError as e:
-            if e.errno == errno.ENXIO:  # only a hole after pos
-                break
-            raise
-        end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
-        out.append((start, end))
-        pos = end
-    return out
 
 
 def holes(extents: Extents, size: int) -> Extents:
@@ -141,28 +122,13 @@ def punch_holes(fd: int, ranges: Extents) -> None:
 
 
 def sparse_copy(src: Path, dst: Path) -> int:
-    """Copy ``src`` to ``dst`` (replaced); returns the bytes of data copied (0 for a reflink).
-    A reflink (``FICLONE``) where the filesystem shares extents, else ``copy_file_range`` over
-    the data extents, holes left as holes."""
+    """Copy ``src`` to ``dst`` (replaced); returns the bytes of data copied (0 for a reflink)."""
     with src.open("rb") as fin, dst.open("wb") as fout:
-        size = os.fstat(fin.fileno()).st_size
-        try:
-            fcntl.ioctl(fout.fileno(), FICLONE, fin.fileno())
+        if reflink(fin.fileno(), fout.fileno()):
             return 0
-        except OSError as e:
-            if e.errno not in (errno.EOPNOTSUPP, errno.EXDEV, errno.EINVAL, errno.ENOTTY,
-                               errno.EBADF, errno.ENOSYS):
-                raise
-        copied = 0
-        for start, end in data_extents(fin.fileno(), size):
-            pos = start
-            while pos < end:
-                n = os.copy_file_range(fin.fileno(), fout.fileno(), min(end - pos, CHUNK),
-                                       pos, pos)
-                if n == 0:
-                    break
-                pos += n
-                copied += n
+        size = os.fstat(fin.fileno()).st_size
+        copied = copy_extents(fin.fileno(), fout.fileno(), data_extents(fin.fileno(), size),
+                              CHUNK)
         os.ftruncate(fout.fileno(), size)
         os.fsync(fout.fileno())
         return copied

@@ -39,6 +39,7 @@ from virtshift.storage.importer import (
     redact,
     validate,
 )
+from virtshift.storage.sparse import copy_extents, data_extents, reflink
 
 CHUNK = 1 << 20
 BLOCK = 64 << 10
@@ -47,7 +48,6 @@ SNIFF = 4096
 PROGRESS_INTERVAL = 0.5
 NET_TIMEOUT = 60.0
 QEMU_IMG_TIMEOUT = 3600.0
-FICLONE = 0x40049409
 WRITEBACK_STEP = 64 << 20
 _ZERO_BLOCK = bytes(BLOCK)
 # magic at offset 0 -> qemu-img format name; these need a seekable file and qemu-img
@@ -488,33 +488,13 @@ def import_stream(chunks: Iterator[bytes], meter: Meter, args: ImportArgs, what:
 
 
 def _copy_sparse(src_fd: int, dst_fd: int, size: int, meter: Meter) -> None:
-    """Copy the data extents of ``src_fd`` (holes stay holes)."""
-    offset = 0
-    while offset < size:
-        try:
-            data = os.lseek(src_fd, offset, os.SEEK_DATA)
-        except OSError as e:
-            if e.errno == errno.ENXIO:
-                break
-            raise
-        hole = os.lseek(src_fd, data, os.SEEK_HOLE)
-        pos = data
-        while pos < hole:
-            n = os.copy_file_range(src_fd, dst_fd, min(hole - pos, WRITEBACK_STEP), pos, pos)
-            if n == 0:
-                break
-            start_writeback(dst_fd, pos, n)
-            pos += n
-            meter.count(n)
-        offset = hole
+    """Copy the data extents of ``src_fd`` (holes stay holes), writing back as it goes."""
 
+    def written(pos: int, n: int) -> None:
+        start_writeback(dst_fd, pos, n)
+        meter.count(n)
 
-def _reflink(src_fd: int, dst_fd: int) -> bool:
-    try:
-        fcntl.ioctl(dst_fd, FICLONE, src_fd)
-    except OSError:
-        return False
-    return True
+    copy_extents(src_fd, dst_fd, data_extents(src_fd, size), WRITEBACK_STEP, written)
 
 
 def import_file(args: ImportArgs, meter: Meter) -> _Outcome:
@@ -544,7 +524,7 @@ def import_file(args: ImportArgs, meter: Meter) -> _Outcome:
             raise _too_large(st.st_size, args.capacity, what)
         dst_fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
-            if _reflink(src_fd, dst_fd):
+            if reflink(src_fd, dst_fd):
                 meter.count(st.st_blocks * 512)
             else:
                 os.ftruncate(dst_fd, st.st_size)
