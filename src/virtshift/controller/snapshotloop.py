@@ -50,9 +50,7 @@ class SnapshotController:
     """VirtualMachineSnapshot, VirtualMachineSnapshotContent and VirtualMachineRestore."""
 
     def __init__(self, client: Client, registry: Registry) -> None:
-        # Its own session: the watches of the controllers sharing ``client`` fill that
-        # connection pool.
-        self.client = Client(client.config, user_agent=f"{client.user_agent}/snapshot")
+        self.client = client
         kind = registry.require
         self.kinds: dict[str, KindInfo] = {
             "snapshot": kind("snapshot.kubevirt.io", "v1beta1", "VirtualMachineSnapshot"),
@@ -111,12 +109,9 @@ class SnapshotController:
                 self.queue.add((f"restore:{rns}", rname))
 
     async def run(self) -> None:
-        try:
-            tasks = await run_reflectors(self.client, list(self.kinds.values()),
-                                         self._on_event, self.synced, "snapshot")
-            await serve("snapshot", tasks, self.synced, self.queue, self.reconcile)
-        finally:
-            await self.client.close()
+        tasks = await run_reflectors(self.client, list(self.kinds.values()),
+                                     self._on_event, self.synced, "snapshot")
+        await serve("snapshot", tasks, self.synced, self.queue, self.reconcile)
 
     # ---- reconcile ---------------------------------------------------------------------------
 
