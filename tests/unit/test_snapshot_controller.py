@@ -15,6 +15,7 @@ from virtshift.agent import snapshot as agent_snapshot
 from virtshift.agent.snapshot import holes, punch_holes, sparse_copy
 from virtshift.api import cdi
 from virtshift.controller import snapshot as ctl
+from virtshift.controller.restore import RestoreInputs, reconcile_restore
 from virtshift.controller.snapshot import (
     CONTENT_FINALIZER,
     RESTORE_FINALIZER,
@@ -25,12 +26,10 @@ from virtshift.controller.snapshot import (
     Event,
     Patch,
     Plan,
-    RestoreInputs,
     SnapshotInputs,
     Update,
     parse_duration,
     reconcile_content,
-    reconcile_restore,
     reconcile_snapshot,
 )
 from virtshift.storage.sparse import data_extents

@@ -21,6 +21,7 @@ from virtshift.api.kinds import KindInfo, Obj, Registry
 from virtshift.client.rest import Client
 from virtshift.controller import events
 from virtshift.controller.manager import ObjectCache, WorkQueue, run_reflectors, serve
+from virtshift.controller.restore import RestoreInputs, reconcile_restore
 from virtshift.controller.snapshot import (
     Action,
     Create,
@@ -28,11 +29,9 @@ from virtshift.controller.snapshot import (
     Event,
     Patch,
     Plan,
-    RestoreInputs,
     SnapshotInputs,
     Update,
     reconcile_content,
-    reconcile_restore,
     reconcile_snapshot,
     reconcile_vm_volumes,
 )
