@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 
 PREFIX = "/v1/namespaces/{ns}/virtualmachineinstances/{name}"
 CHUNK = 64 * 1024
+RECOVERY_WAIT = 30.0  # seconds a request waits for a restarted agent to find its VMs again
 
 
 async def splice_ws(ws: web.WebSocketResponse | aiohttp.ClientWebSocketResponse,
@@ -107,6 +108,9 @@ class AgentEndpoints:
         async def handler(request: web.Request) -> web.StreamResponse:
             self_: AgentEndpoints = request.app["endpoints"]
             try:
+                # after a restart, VMs are "not here" until their QEMUs are attached again
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self_.sync.recovered.wait(), RECOVERY_WAIT)
                 dom = self_.sync.domain_of(request.match_info["ns"], request.match_info["name"])
                 return await fn(request, dom)
             except ApiError as e:

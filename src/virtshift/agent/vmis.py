@@ -198,6 +198,8 @@ class VMISync:
         self._prepare_backoff: dict[Key, float] = {}  # disks that could not be prepared
         self._timers: dict[Key, asyncio.TimerHandle] = {}
         self._synced = asyncio.Event()
+        self.recovered = asyncio.Event()
+        """Set once the QEMUs found on disk at start are attached again (endpoints wait)."""
         self._owned_synced = asyncio.Event()
         self._targets_synced = asyncio.Event()
 
@@ -361,6 +363,7 @@ class VMISync:
                 if dom.role == "target":
                     MigrationTarget.resume(dom)
             self.domains[dom.key] = dom
+        self.recovered.set()
 
     # ---- reconcile ----------------------------------------------------------------------------
 
