@@ -413,38 +413,46 @@ def hostdisk_spec(path: Path, *, shared: bool) -> dict[str, Any]:
     return spec
 
 
+def migrate_on_shared_disk(cluster: Cluster, ns: str, name: str, disk: Path,
+                           marks: tuple[str, str]) -> None:
+    """VMI ``name``, whose first disk is the shared file ``disk``, writes ``marks[0]`` there,
+    migrates without copying any disk, and its target QEMU writes ``marks[1]`` to the very same
+    file."""
+    vmi = cluster.wait_vmi_phase(ns, name, "Running", timeout=120)
+    wait_migratable(cluster, ns, name)
+    got = cluster.vmi(ns, name)
+    assert got is not None and got["status"]["migrationMethod"] == "LiveMigration", got["spec"]
+    console = cluster.console(ns, name)
+    try:
+        console.wait_prompt()
+        console.send(f"printf {marks[0]} > /dev/vda; sync; echo wrote-$((1+1))\n")
+        console.read_until("wrote-2", 30)
+    finally:
+        console.close()
+    assert disk.read_bytes().startswith(marks[0].encode())
+    create_migration(cluster, ns, f"{name}-job", name)
+    vmim = wait_migration(cluster, ns, f"{name}-job", ("Succeeded", "Failed"), 120)
+    assert vmim["status"]["phase"] == "Succeeded", cluster.vmi(ns, name)
+    target = cluster.vmi(ns, name)["status"]["nodeName"]  # type: ignore[index]
+    assert target != vmi["status"]["nodeName"]
+    progress = json.loads(vmim["metadata"]["annotations"]["virtshift.io/migration-progress"])
+    assert progress["diskRemainingBytes"] == 0
+    console = cluster.console(ns, name)
+    try:
+        console.send(f"\nprintf {marks[1]} > /dev/vda; sync; echo wrote-$((2+2))\n")
+        console.read_until("wrote-4", 30)
+    finally:
+        console.close()
+    assert disk.read_bytes().startswith(marks[1].encode())
+
+
 def test_shared_disk_migrates_without_copying(cluster: Cluster, ns: str, shared: Path) -> None:
     disk = shared / f"{ns}.img"
     cluster.create(ns, {"apiVersion": "kubevirt.io/v1", "kind": "VirtualMachineInstance",
                         "metadata": {"name": "shared"},
                         "spec": hostdisk_spec(disk, shared=True)})
-    vmi = cluster.wait_vmi_phase(ns, "shared", "Running", timeout=120)
-    wait_migratable(cluster, ns, "shared")
-    got = cluster.vmi(ns, "shared")
-    assert got is not None and got["status"]["migrationMethod"] == "LiveMigration", got["spec"]
-    console = cluster.console(ns, "shared")
-    try:
-        console.wait_prompt()
-        console.send("printf before-migration > /dev/vda; sync; echo wrote-$((1+1))\n")
-        console.read_until("wrote-2", 30)
-    finally:
-        console.close()
-    assert disk.read_bytes().startswith(b"before-migration")
-    create_migration(cluster, ns, "shared-job", "shared")
-    vmim = wait_migration(cluster, ns, "shared-job", ("Succeeded", "Failed"), 120)
-    assert vmim["status"]["phase"] == "Succeeded", cluster.vmi(ns, "shared")
-    target = cluster.vmi(ns, "shared")["status"]["nodeName"]  # type: ignore[index]
-    assert target != vmi["status"]["nodeName"]
-    progress = json.loads(vmim["metadata"]["annotations"]["virtshift.io/migration-progress"])
-    assert progress["diskRemainingBytes"] == 0
-    # the target QEMU writes the very same file
-    console = cluster.console(ns, "shared")
-    try:
-        console.send("\nprintf after-migration-ok > /dev/vda; sync; echo wrote-$((2+2))\n")
-        console.read_until("wrote-4", 30)
-    finally:
-        console.close()
-    assert disk.read_bytes().startswith(b"after-migration-ok")
+    migrate_on_shared_disk(cluster, ns, "shared", disk, ("before-migration",
+                                                       "after-migration-ok"))
 
 
 def test_migrate_refuses_a_vm_that_cannot_move(cluster: Cluster, ns: str, shared: Path) -> None:
@@ -593,32 +601,8 @@ def test_rwx_claim_on_shared_storage_migrates_without_copying(cluster: Cluster, 
     spec["domain"]["devices"]["disks"].insert(0, {"name": "data", "disk": {"bus": "virtio"}})
     cluster.create(ns, {"apiVersion": "kubevirt.io/v1", "kind": "VirtualMachineInstance",
                         "metadata": {"name": "rwx"}, "spec": spec})
-    vmi = cluster.wait_vmi_phase(ns, "rwx", "Running", timeout=120)
-    wait_migratable(cluster, ns, "rwx")
-    got = cluster.vmi(ns, "rwx")
-    assert got is not None and got["status"]["migrationMethod"] == "LiveMigration"
-    console = cluster.console(ns, "rwx")
-    try:
-        console.wait_prompt()
-        console.send("printf rwx-before > /dev/vda; sync; echo wrote-$((1+1))\n")
-        console.read_until("wrote-2", 30)
-    finally:
-        console.close()
     image = Path(pv["spec"]["hostPath"]["path"]) / "disk.img"
-    assert image.read_bytes()[:10] == b"rwx-before"
-    create_migration(cluster, ns, "rwx-job", "rwx")
-    vmim = wait_migration(cluster, ns, "rwx-job", ("Succeeded", "Failed"), 120)
-    assert vmim["status"]["phase"] == "Succeeded", cluster.vmi(ns, "rwx")
-    assert cluster.vmi(ns, "rwx")["status"]["nodeName"] != vmi["status"]["nodeName"]  # type: ignore[index]
-    progress = json.loads(vmim["metadata"]["annotations"]["virtshift.io/migration-progress"])
-    assert progress["diskRemainingBytes"] == 0
-    console = cluster.console(ns, "rwx")
-    try:
-        console.send("\nprintf rwx-after-ok > /dev/vda; sync; echo wrote-$((2+2))\n")
-        console.read_until("wrote-4", 30)
-    finally:
-        console.close()
-    assert image.read_bytes()[:12] == b"rwx-after-ok"
+    migrate_on_shared_disk(cluster, ns, "rwx", image, ("rwx-before", "rwx-after-ok"))
     cluster.request("DELETE", f"/apis/storage.k8s.io/v1/storageclasses/shared-{ns}")
 
 

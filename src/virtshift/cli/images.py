@@ -22,7 +22,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Protocol
 
 import aiohttp
 
@@ -95,6 +95,10 @@ def _run(args: argparse.Namespace, action: Callable[[Client], Awaitable[int]]) -
             await client.close()
 
     return asyncio.run(main())
+
+
+class Counter(Protocol):
+    def update(self, n: int) -> None: ...
 
 
 class Progress:
@@ -188,7 +192,8 @@ async def sha256_file(path: Path, progress: Progress) -> str:
     return hasher.hexdigest()
 
 
-async def _file_chunks(path: Path, progress: Progress) -> AsyncIterator[bytes]:
+async def file_chunks(path: Path, progress: Counter) -> AsyncIterator[bytes]:
+    """The file's bytes, read off the event loop, counted into ``progress`` as they go."""
     f = await asyncio.to_thread(path.open, "rb")
     try:
         while chunk := await asyncio.to_thread(f.read, CHUNK):
@@ -215,7 +220,7 @@ async def upload_blob(client: Client, name: str, part: str, path: Path, size: in
                "Content-Length": str(size)}
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=900)
     async with client.session.put(resource_path(image_kind(), None, name, part),
-                                  data=_file_chunks(path, progress), headers=headers,
+                                  data=file_chunks(path, progress), headers=headers,
                                   timeout=timeout) as resp:
         text = await resp.text()
     progress.finish()

@@ -21,7 +21,7 @@ import json
 import ssl
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -32,7 +32,7 @@ import aiohttp
 from virtshift.api import cdi
 from virtshift.api.admission import quantity
 from virtshift.api.kinds import REGISTRY, KindInfo, Obj
-from virtshift.cli.images import checked_file, human_size
+from virtshift.cli.images import checked_file, file_chunks, human_size
 from virtshift.client import kubeconfig
 from virtshift.client.rest import Client
 from virtshift.errors import ApiError, NotFound, VirtshiftError
@@ -450,7 +450,7 @@ class Uploader:
             headers = {**auth, "Content-Type": "application/octet-stream",
                        "Content-Length": str(size)}
             try:
-                async with session.post(url, data=_chunks(self.opts.image_path, bar),
+                async with session.post(url, data=file_chunks(self.opts.image_path, bar),
                                         headers=headers) as resp:
                     body = await resp.read()
             finally:
@@ -486,16 +486,6 @@ def _dv_message(dv: Mapping[str, Any]) -> str:
         if cond.get("type") == "Running" and cond.get("message"):
             return str(cond["message"])
     return "no message"
-
-
-async def _chunks(path: Path, bar: ProgressBar) -> AsyncIterator[bytes]:
-    f = await asyncio.to_thread(path.open, "rb")
-    try:
-        while chunk := await asyncio.to_thread(f.read, CHUNK):
-            bar.update(len(chunk))
-            yield chunk
-    finally:
-        f.close()
 
 
 def _run(args: argparse.Namespace, action: Callable[[Client, kubeconfig.ClusterConfig],
