@@ -1,8 +1,13 @@
 """API server benchmark: creates/s, gets/s, a 1,000-object list and watch delivery latency
 through HTTPS, each beside raw SQLite doing the same work in the same run.
 
-Run: ``.venv/bin/python bench/api_store.py [-n 2000] [-c 32] [--watchers 100]``
+Run: ``.venv/bin/python bench/api_store.py [--seconds 8] [-c 32] [--api-workers 2]``
 (``make bench``). Prints a Markdown table for docs/benchmarks.md.
+
+Creates and gets are driven by ``wrk`` (C, from Debian; ``scripts/setup-system.sh`` installs
+it) with ``bench/wrk_api.lua``, so that the load generator takes little of the machine's CPU;
+every response must be a success, and the objects wrk created are counted back through the API.
+The list and the watch latency use an aiohttp client.
 """
 
 from __future__ import annotations
@@ -10,9 +15,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
+import re
+import shutil
 import sqlite3
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -27,6 +36,7 @@ from bench.store_raw import _key, raw_sqlite_inserts, sample_object
 from virtshift.testing.platform import PlatformProcess
 
 NS_URL = "/apis/kubevirt.io/v1/namespaces/default/virtualmachines"
+WRK_SCRIPT = Path(__file__).resolve().parent / "wrk_api.lua"
 
 
 def _api_object(i: int) -> dict[str, Any]:
@@ -34,6 +44,15 @@ def _api_object(i: int) -> dict[str, Any]:
     meta = obj["metadata"]
     return {**obj, "metadata": {"name": meta["name"], "labels": meta["labels"],
                                 "annotations": meta["annotations"]}}
+
+
+async def wait_workers(platform: PlatformProcess, count: int) -> None:
+    """Until every extra API server process listens (each logs that it serves)."""
+    deadline = time.monotonic() + 60
+    while platform.log_text().count("API worker serving") < count - 1:
+        if time.monotonic() > deadline:
+            raise TimeoutError("the API workers did not start:\n" + platform.log_text())
+        await asyncio.sleep(0.1)
 
 
 def percentile(values: list[float], p: float) -> float:
@@ -85,6 +104,32 @@ def raw_commit_latency(path: Path, n: int) -> list[float]:
 
 # ---- through the API ---------------------------------------------------------------------------
 
+def wrk(platform: PlatformProcess, mode: str, seconds: float, connections: int,
+        work: Path, names: list[str] | None = None) -> tuple[float, int]:
+    """Run wrk against the VM collection: (requests/s, requests completed). Fails on any
+    response that is not a success."""
+    if shutil.which("wrk") is None:
+        raise SystemExit("wrk is missing: run scripts/setup-system.sh (make setup)")
+    cfg = platform.config()
+    body = _api_object(0)
+    body["metadata"]["name"] = "NAMEPLACEHOLDER"
+    (work / "body.json").write_text(json.dumps(body))
+    if names is not None:
+        (work / "names.txt").write_text("\n".join(names) + "\n")
+    env = {**os.environ, "BENCH_TOKEN": cfg.token, "BENCH_MODE": mode,
+           "BENCH_BODY": str(work / "body.json"), "BENCH_NAMES": str(work / "names.txt")}
+    out = subprocess.run(
+        ["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(seconds))}s", "-s", str(WRK_SCRIPT),
+         cfg.server + NS_URL], env=env, capture_output=True, text=True, check=True).stdout
+    if "Non-2xx" in out or "Socket errors" in out:
+        raise RuntimeError(f"wrk saw failed requests:\n{out}")
+    rate = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    done = re.search(r"(\d+) requests in", out)
+    if rate is None or done is None:
+        raise RuntimeError(f"cannot read wrk's output:\n{out}")
+    return float(rate.group(1)), int(done.group(1))
+
+
 class Api:
     def __init__(self, platform: PlatformProcess) -> None:
         cfg = platform.config()
@@ -96,6 +141,19 @@ class Api:
 
     async def close(self) -> None:
         await self.session.close()
+
+    async def names(self) -> list[str]:
+        """Every VM's name (paged, as kubectl does)."""
+        names: list[str] = []
+        cont = ""
+        while True:
+            params = {"limit": "5000", **({"continue": cont} if cont else {})}
+            async with self.session.get(NS_URL, params=params) as r:
+                body = await r.json()
+            names += [item["metadata"]["name"] for item in body["items"]]
+            cont = body["metadata"].get("continue", "")
+            if not cont:
+                return names
 
     async def creates(self, n: int, concurrency: int) -> float:
         sem = asyncio.Semaphore(concurrency)
@@ -174,7 +232,8 @@ class Api:
 
 
 async def run(n: int, concurrency: int, watchers: int, writes: int,
-              with_controllers: bool = False) -> str:
+              with_controllers: bool = False, seconds: float = 8.0,
+              api_workers: int = 2) -> str:
     work = Path(tempfile.mkdtemp(prefix="virtshift-bench-"))
     raw_db = work / "raw.db"
     raw_create = raw_sqlite_inserts(raw_db, n)
@@ -182,12 +241,20 @@ async def run(n: int, concurrency: int, watchers: int, writes: int,
     raw_list_s = raw_list(raw_db, 1000)
     raw_lat = raw_commit_latency(raw_db, 200)
 
-    platform = PlatformProcess(work / "platform",
-                               args=[] if with_controllers else ["--no-controllers"]).start()
+    args = ["--api-workers", str(api_workers)]
+    if not with_controllers:
+        args.append("--no-controllers")
+    platform = PlatformProcess(work / "platform", args=args).start()
+    await wait_workers(platform, api_workers)
     api = Api(platform)
     try:
-        api_create = await api.creates(n, concurrency)
-        api_get = await api.gets(n, n, concurrency)
+        api_create, sent = await asyncio.to_thread(wrk, platform, "create", seconds,
+                                                   concurrency, work)
+        names = await api.names()
+        if len(names) < sent:
+            raise RuntimeError(f"wrk completed {sent} creates but the API lists {len(names)}")
+        api_get, _ = await asyncio.to_thread(wrk, platform, "get", seconds / 2, concurrency,
+                                             work, names)
         api_list_s = statistics.median([await api.list_time(1000) for _ in range(5)])
         lat = await api.watch_latency(watchers, writes)
     finally:
@@ -212,14 +279,18 @@ async def run(n: int, concurrency: int, watchers: int, writes: int,
            "|---|---|---|---|---|"]
     out += [f"| {' | '.join(r)} |" for r in rows]
     out.append("")
-    out.append(f"n={n}, client concurrency={concurrency}, {watchers} watchers x {writes} writes "
-               f"({len(lat)} deliveries)")
+    out.append(f"API server processes (--api-workers) {api_workers}; wrk -t1 -c{concurrency}, "
+               f"creates for {seconds:g} s ({sent:,} VMs), gets for {seconds / 2:g} s; raw "
+               f"SQLite n={n}; {watchers} watchers x {writes} writes ({len(lat)} deliveries)")
     return "\n".join(out)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("-n", type=int, default=2000)
+    ap.add_argument("-n", type=int, default=2000, help="rows of the raw SQLite baselines")
+    ap.add_argument("--seconds", type=float, default=8.0, help="how long wrk creates")
+    ap.add_argument("--api-workers", type=int, default=os.cpu_count() or 1,
+                    help="API server processes (default: one per CPU)")
     ap.add_argument("-c", "--concurrency", type=int, default=32)
     ap.add_argument("--watchers", type=int, default=100)
     ap.add_argument("--writes", type=int, default=50)
@@ -228,7 +299,7 @@ def main() -> None:
                          "controller's finalizer and status: three writes per create)")
     args = ap.parse_args()
     print(asyncio.run(run(args.n, args.concurrency, args.watchers, args.writes,
-                          args.with_controllers)))
+                          args.with_controllers, args.seconds, args.api_workers)))
 
 
 if __name__ == "__main__":

@@ -12,6 +12,8 @@ packages=(
   # storage: loop devices for Block volumes (losetup); bench/clone.py --xfs and
   # bench/import_http.py's baselines (mkfs.xfs with reflink, curl)
   util-linux xfsprogs curl
+  # bench/api_store.py's HTTP load generator
+  wrk
 )
 missing=()
 for p in "${packages[@]}"; do

@@ -15,19 +15,23 @@ from virtshift import nodenet
 from virtshift.aio import stop_tasks
 from virtshift.apiserver.pki import ensure_node_cert
 from virtshift.apiserver.server import start_api_server
+from virtshift.apiserver.worker import check_workers, worker_argv
 
 log = logging.getLogger(__name__)
 
 
 async def up(data_dir: Path, listen: str, *, nodes: int, accel: str,
              store_url: str | None, controllers: bool = True,
-             node_network: str = "auto", hostdisk_dirs: tuple[Path, ...] = ()) -> None:
+             node_network: str = "auto", hostdisk_dirs: tuple[Path, ...] = (),
+             api_workers: int = 1) -> None:
+    check_workers(api_workers)
     names = [nodenet.node_name(i) for i in range(1, nodes + 1)]
     mode = nodenet.choose_mode(node_network, nodes)
     net = await asyncio.to_thread(nodenet.prepare, data_dir, names) if mode == "netns" else None
     try:
         api = await start_api_server(data_dir, listen, store_url=store_url,
-                                     node_address=net.gateway if net else None)
+                                     node_address=net.gateway if net else None,
+                                     workers=api_workers)
     except BaseException:
         if net is not None:
             await asyncio.to_thread(net.teardown)
@@ -35,8 +39,13 @@ async def up(data_dir: Path, listen: str, *, nodes: int, accel: str,
     tune_gc()
     base = [sys.executable, "-m", "virtshift.cli.main", "--kubeconfig",
             str(api.components_kubeconfig)]
-    children = [ChildProcess("controller", [*base, "controller"], data_dir / "controller.pid")
-                ] if controllers else []
+    children = [ChildProcess(f"api worker {i}",
+                             worker_argv(sys.executable, data_dir, api.listening, store_url),
+                             data_dir / f"api-worker-{i}.pid")
+                for i in range(1, api_workers)]
+    if controllers:
+        children.append(ChildProcess("controller", [*base, "controller"],
+                                     data_dir / "controller.pid"))
     for i, node in enumerate(names, start=1):
         node_dir = data_dir / "nodes" / node
         if net is not None:

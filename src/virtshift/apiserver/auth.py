@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -33,7 +34,9 @@ def is_component(user: UserInfo) -> bool:
     return COMPONENTS_GROUP in user.groups
 
 
+@functools.lru_cache(maxsize=256)
 def _digest(token: str) -> str:
+    """The key a token is kept under (cached: every request hashes its bearer token)."""
     return hashlib.sha256(token.encode()).hexdigest()
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import re
 import secrets
+import time
 import uuid
 from typing import Any
 
@@ -38,8 +39,18 @@ SYSTEM_META = ("uid", "creationTimestamp", "deletionTimestamp", "deletionGracePe
                "generation", "resourceVersion", "selfLink")
 
 
+_now_cache: tuple[int, str] = (-1, "")
+
+
 def now_rfc3339() -> str:
-    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    """The current UTC time to the second, as Kubernetes timestamps are (formatted once per
+    second: every write asks for it)."""
+    global _now_cache
+    second = int(time.time())
+    if _now_cache[0] != second:
+        stamp = datetime.datetime.fromtimestamp(second, datetime.UTC)
+        _now_cache = (second, stamp.strftime("%Y-%m-%dT%H:%M:%SZ"))
+    return _now_cache[1]
 
 
 def new_uid() -> str:

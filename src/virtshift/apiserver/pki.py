@@ -61,6 +61,11 @@ def _san_entries(hosts: list[str]) -> list[x509.GeneralName]:
     return out
 
 
+def load_pki(directory: Path) -> Pki:
+    """The certificates ``ensure_pki`` made in ``directory`` (for API worker processes)."""
+    return Pki(directory / "ca.crt", directory / "apiserver.crt", directory / "apiserver.key")
+
+
 def ensure_pki(directory: Path, hosts: list[str]) -> Pki:
     """Create the cluster CA once, and a serving certificate covering ``hosts``.
 

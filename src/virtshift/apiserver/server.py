@@ -61,17 +61,23 @@ def _env_number(name: str, default: float) -> float:
         raise ConfigurationError(f"{name} must be a number, got {raw!r}") from None
 
 
-def open_store(url: str | None, data_dir: Path) -> Store:
+def open_store(url: str | None, data_dir: Path, *, workers: int = 1,
+               worker: bool = False) -> Store:
+    """The store at ``url`` (default: ``DATA_DIR/store.db``). With more than one API server
+    process (``workers``), every process opens it shared; only the first owns it (its lock,
+    compaction and checkpoints)."""
     # Tuning for tests and small machines: how many revisions of history watches can resume
     # from, and how often old history is compacted away.
     history = int(_env_number("VIRTSHIFT_STORE_HISTORY", 10000))
-    interval = _env_number("VIRTSHIFT_COMPACT_INTERVAL", 60.0)
+    interval = 0.0 if worker else _env_number("VIRTSHIFT_COMPACT_INTERVAL", 60.0)
     if not url:
-        return SqliteStore(data_dir / "store.db", history=history, compact_interval=interval)
-    if url.startswith("sqlite://"):
-        return SqliteStore(Path(url[len("sqlite://"):]), history=history,
-                           compact_interval=interval)
-    raise ConfigurationError(f"unsupported --store {url!r}: use sqlite:///PATH")
+        path = data_dir / "store.db"
+    elif url.startswith("sqlite://"):
+        path = Path(url[len("sqlite://"):])
+    else:
+        raise ConfigurationError(f"unsupported --store {url!r}: use sqlite:///PATH")
+    return SqliteStore(path, history=history, compact_interval=interval,
+                       shared=worker or workers > 1, lock=not worker)
 
 
 @dataclass
@@ -85,6 +91,8 @@ class RunningApiServer:
     join_token: str = ""
     node_url: str | None = None
     """Where node agents reach the API on the node network (``node_address``), if anywhere."""
+    listening: tuple[str, ...] = ()
+    """Every HOST:PORT served (API worker processes serve the same)."""
 
     @property
     def ca_cert_hash(self) -> str:
@@ -161,25 +169,11 @@ async def bootstrap(server: ApiServer) -> None:
                                 "metadata": {"name": ns}}, ctx)
 
 
-async def start_api_server(
-    data_dir: Path,
-    listen: str = "127.0.0.1:6443",
-    *,
-    store_url: str | None = None,
-    registry: Registry = REGISTRY,
-    schemas: SchemaSet | None = None,
-    node_address: str | None = None,
-) -> RunningApiServer:
-    """Serve on ``listen`` and, when given, also on ``node_address`` (the platform's address
-    on the node network; the same port when it is free there). The serving certificate
-    covers both."""
-    host, port = parse_listen(listen)
-    hosts = [host, *([node_address] if node_address else [])]
-    if host in ("0.0.0.0", "::"):
-        hosts += _host_addresses()
-    pki, auth, token, component_token = _prepare(data_dir, hosts)
-    store = open_store(store_url, data_dir)
-    await store.start()
+def assemble(data_dir: Path, store: Store, pki: Pki, auth: TokenAuthenticator,
+             component_token: str, *, registry: Registry = REGISTRY,
+             schemas: SchemaSet | None = None) -> tuple[ApiServer, str]:
+    """The API server with every handler registered (image store, console proxy, uploads,
+    node join), and its join token. Each API server process builds the same."""
     server = ApiServer(store, registry, schemas or default_schemas(), auth)
     register_image_store(server, data_dir)
     proxy_token = agent_proxy_token(data_dir)
@@ -190,13 +184,46 @@ async def start_api_server(
     join_token = ensure_join_token(data_dir)
     server.bootstrap = JoinService(pki, auth, join_token=join_token, api_token=component_token,
                                    proxy_token=proxy_token).handle
-    await bootstrap(server)
+    return server, join_token
+
+
+def serving_context(pki: Pki) -> ssl.SSLContext:
     ssl_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ssl_ctx.load_cert_chain(pki.serving_cert, pki.serving_key)
+    return ssl_ctx
+
+
+async def start_api_server(
+    data_dir: Path,
+    listen: str = "127.0.0.1:6443",
+    *,
+    store_url: str | None = None,
+    registry: Registry = REGISTRY,
+    schemas: SchemaSet | None = None,
+    node_address: str | None = None,
+    workers: int = 1,
+) -> RunningApiServer:
+    """Serve on ``listen`` and, when given, also on ``node_address`` (the platform's address
+    on the node network; the same port when it is free there). The serving certificate
+    covers both. ``workers`` > 1: more API server processes will share the store and the
+    ports (``SO_REUSEPORT``; see :mod:`virtshift.apiserver.worker`)."""
+    host, port = parse_listen(listen)
+    hosts = [host, *([node_address] if node_address else [])]
+    if host in ("0.0.0.0", "::"):
+        hosts += _host_addresses()
+    pki, auth, token, component_token = _prepare(data_dir, hosts)
+    store = open_store(store_url, data_dir, workers=workers)
+    await store.start()
+    server, join_token = assemble(data_dir, store, pki, auth, component_token,
+                                  registry=registry, schemas=schemas)
+    await bootstrap(server)
+    ssl_ctx = serving_context(pki)
     runner = web.AppRunner(server.app(), access_log=None, handle_signals=False,
                            shutdown_timeout=1.0)
     await runner.setup()
-    site = web.TCPSite(runner, host, port, ssl_context=ssl_ctx, reuse_address=True)
+    reuse_port = workers > 1 or None
+    site = web.TCPSite(runner, host, port, ssl_context=ssl_ctx, reuse_address=True,
+                       reuse_port=reuse_port)
     try:
         await site.start()
     except OSError as e:
@@ -212,31 +239,36 @@ async def start_api_server(
         url_host = "127.0.0.1"
     url = f"https://{url_host}:{actual_port}"
     node_url = None
+    listening = [f"{host}:{actual_port}"]
     if node_address and host in ("0.0.0.0", "::"):
         node_url = f"https://{node_address}:{actual_port}"  # the wildcard covers it
     elif node_address:
         try:
-            node_port = await _listen_also(runner, node_address, actual_port, ssl_ctx)
+            node_port = await _listen_also(runner, node_address, actual_port, ssl_ctx,
+                                           reuse_port=reuse_port)
         except OSError as e:
             await runner.cleanup()
             await store.close()
             raise ConfigurationError(f"cannot listen on the node network address "
                                      f"{node_address}: {e.strerror or e}") from e
         node_url = f"https://{node_address}:{node_port}"
+        listening.append(f"{node_address}:{node_port}")
     server.server_address = f"{url_host}:{actual_port}"
     cfg_path = data_dir / "kubeconfig"
     kubeconfig.write(data_dir / COMPONENTS_KUBECONFIG,
                      kubeconfig.render(url, pki.ca_pem(), component_token))
     kubeconfig.write(cfg_path, kubeconfig.render(url, pki.ca_pem(), token))
     log.info("API server listening on %s; kubeconfig at %s", url, cfg_path)
-    return RunningApiServer(runner, store, server, url, cfg_path, pki, join_token, node_url)
+    return RunningApiServer(runner, store, server, url, cfg_path, pki, join_token, node_url,
+                            tuple(listening))
 
 
 async def _listen_also(runner: web.AppRunner, host: str, port: int,
-                       ssl_ctx: ssl.SSLContext) -> int:
+                       ssl_ctx: ssl.SSLContext, *, reuse_port: bool | None = None) -> int:
     """Serve ``runner`` on ``host`` too: on ``port`` when free there, else on any port."""
     for candidate in (port, 0):
-        site = web.TCPSite(runner, host, candidate, ssl_context=ssl_ctx, reuse_address=True)
+        site = web.TCPSite(runner, host, candidate, ssl_context=ssl_ctx, reuse_address=True,
+                           reuse_port=reuse_port)
         try:
             await site.start()
         except OSError:

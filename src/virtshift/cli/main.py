@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -35,10 +36,33 @@ def _up(args: argparse.Namespace) -> int:
     )
     if args.nodes < 0:
         raise VirtshiftError("--nodes must be 0 or more")
+    workers = args.api_workers if args.api_workers is not None else _env_workers()
     uvloop.run(up(args.data_dir or default_home(), args.listen, nodes=args.nodes,
                   controllers=not args.no_controllers, node_network=args.node_network,
                   accel=args.accel or default_accel(), store_url=args.store,
-                  hostdisk_dirs=tuple(d.resolve() for d in args.hostdisk_dir)))
+                  hostdisk_dirs=tuple(d.resolve() for d in args.hostdisk_dir),
+                  api_workers=workers))
+    return 0
+
+
+def _env_workers() -> int:
+    raw = os.environ.get("VIRTSHIFT_API_WORKERS", "") or "1"
+    try:
+        return int(raw)
+    except ValueError:
+        raise VirtshiftError(f"VIRTSHIFT_API_WORKERS must be a number, got {raw!r}") from None
+
+
+def _api_worker(args: argparse.Namespace) -> int:
+    from virtshift.apiserver.worker import serve_worker
+    from virtshift.platform import tune_gc
+
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s api-worker %(name)s: %(message)s",
+    )
+    tune_gc()
+    uvloop.run(serve_worker(args.data_dir, args.listen, args.store))
     return 0
 
 
@@ -142,8 +166,20 @@ def parser() -> argparse.ArgumentParser:
     up.add_argument("--hostdisk-dir", type=Path, action="append", default=[],
                     help="a directory every node's hostDisk volumes may use, such as a shared "
                          "mount (repeatable; default: DIR/nodes/NODE/hostdisks per node)")
+    up.add_argument("--api-workers", type=int, default=None, metavar="N",
+                    help="API server processes sharing the port and the store (default "
+                         "$VIRTSHIFT_API_WORKERS or 1; one per CPU core serves the most "
+                         "requests)")
     up.add_argument("-v", "--verbose", action="store_true")
     up.set_defaults(func=_up)
+    worker = sub.add_parser("api-worker", help="one more API server process (virtshift up "
+                            "--api-workers starts them)")
+    worker.add_argument("--data-dir", type=Path, required=True)
+    worker.add_argument("--listen", action="append", required=True, metavar="HOST:PORT",
+                        help="an address to serve with SO_REUSEPORT (repeatable)")
+    worker.add_argument("--store", default=None)
+    worker.add_argument("-v", "--verbose", action="store_true")
+    worker.set_defaults(func=_api_worker)
     ctl = sub.add_parser("controller", help="run the controllers (virtshift up starts them)")
     ctl.add_argument("-v", "--verbose", action="store_true")
     ctl.set_defaults(func=_controller)

@@ -66,7 +66,8 @@ class Store(Protocol):
         """Watches must start after this revision; older ones raise ``Compacted``."""
 
     async def create(self, key: str, value: Value) -> Record:
-        """Store a new key. Durable when it returns."""
+        """Store a new key. Durable when it returns. The record may hold ``value`` itself: the
+        caller gives it away."""
 
     async def get(self, key: str) -> Record | None: ...
 

@@ -18,6 +18,13 @@ Durability and concurrency:
   sees every acknowledged write.
 
 One store per database file: the store holds an exclusive ``flock`` on ``<path>.lock``.
+
+Several processes (the API server's workers) may share one file when every store on it is opened
+with ``shared=True``; only the owning one takes the lock (``lock=True``). SQLite's write lock
+still serialises the transactions, so a shared writer reads the revision inside its transaction
+and revisions stay one global sequence. Each process publishes to its own watchers what the
+``events`` table holds after the last revision it has published: right after its own commits,
+and when a short poll of ``meta.revision`` shows another process committed.
 """
 
 from __future__ import annotations
@@ -97,6 +104,9 @@ class SqliteStore:
         history: int = 10000,
         compact_interval: float = 60.0,
         watch_queue_size: int = 10000,
+        shared: bool = False,
+        lock: bool = True,
+        poll_interval: float = 0.005,
     ) -> None:
         if history < 0:
             raise ValueError("history must be >= 0")
@@ -106,6 +116,11 @@ class SqliteStore:
         self.history = history
         self.compact_interval = compact_interval
         self.watch_queue_size = watch_queue_size
+        self.shared = shared
+        self.lock = lock
+        self.poll_interval = poll_interval
+        self._poller: asyncio.Task[None] | None = None
+        self._wlock_fd: int | None = None  # shared mode: taken around each write transaction
 
         self._loop: asyncio.AbstractEventLoop | None = None
         self._reader: sqlite3.Connection | None = None
@@ -140,7 +155,9 @@ class SqliteStore:
             raise StoreError("store already started")
         self._loop = asyncio.get_running_loop()
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._lock_fd = self._acquire_lock()
+        self._lock_fd = self._acquire_lock() if self.lock else None
+        if self.shared:
+            self._wlock_fd = os.open(f"{self.path}.wlock", os.O_RDWR | os.O_CREAT, 0o600)
         try:
             self._writer = self._open_writer()
             self._reader = self._open_reader()
@@ -160,6 +177,10 @@ class SqliteStore:
             self._compactor = asyncio.create_task(
                 self._compact_loop(), name=f"sqlite-compactor:{self.path.name}"
             )
+        if self.shared:
+            self._poller = asyncio.create_task(
+                self._poll_loop(), name=f"sqlite-poller:{self.path.name}"
+            )
         logger.info(
             "sqlite store %s opened at revision %d (compacted %d)",
             self.path,
@@ -175,11 +196,12 @@ class SqliteStore:
         if not self._started:
             self._closed = True
             return
-        if self._compactor is not None:
-            self._compactor.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._compactor
-            self._compactor = None
+        for task in (self._compactor, self._poller):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._compactor = self._poller = None
         self._ops.put(None)  # the writer finishes everything queued before this, then exits
         if self._writer_done is not None:
             await self._writer_done
@@ -193,6 +215,9 @@ class SqliteStore:
         self._watchers.clear()
         self._close_connections()
         self._release_lock()
+        if self._wlock_fd is not None:
+            os.close(self._wlock_fd)
+            self._wlock_fd = None
         self._closed = True
         logger.info("sqlite store %s closed at revision %d", self.path, self._revision)
 
@@ -220,15 +245,18 @@ class SqliteStore:
 
     # --- writes ---------------------------------------------------------------------------------
 
+    # A create or update returns the record with the very dict it was given (the store keeps
+    # only its JSON text), instead of decoding that text again.
+
     async def create(self, key: str, value: Value) -> Record:
         raw: _RawRecord = await self._submit("create", key=key, value=_dumps(value))
-        return _record(raw)
+        return Record(raw.key, value, raw.revision, raw.create_revision)
 
     async def update(self, key: str, value: Value, expected_revision: int | None) -> Record:
         raw: _RawRecord = await self._submit(
             "update", key=key, value=_dumps(value), expected_revision=expected_revision
         )
-        return _record(raw)
+        return Record(raw.key, value, raw.revision, raw.create_revision)
 
     async def delete(self, key: str, expected_revision: int | None = None) -> Record:
         raw: _RawRecord = await self._submit("delete", key=key, expected_revision=expected_revision)
@@ -395,16 +423,74 @@ class SqliteStore:
             except Exception:
                 logger.exception("background compaction of %s failed", self.path)
 
+    # --- other processes' writes (shared mode) -------------------------------------------------
+
+    async def _poll_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.poll_interval)
+            try:
+                self._catch_up()
+            except sqlite3.Error:
+                logger.exception("reading new events of %s failed", self.path)
+
+    def _catch_up(self) -> None:
+        """Publish what other processes committed since the last published revision. Event loop
+        thread; revisions are committed in order, so the table has no gaps below its top."""
+        if self._closing or self._reader is None:
+            return
+        conn = self._reader
+        while True:
+            conn.execute("BEGIN")
+            try:
+                top = _meta(conn, "revision")
+                compacted = _meta(conn, "compacted")
+                rows = []
+                if top > self._revision and compacted <= self._revision:
+                    rows = conn.execute(
+                        "SELECT revision, type, key, value, prev_value, create_revision FROM"
+                        " events WHERE revision > ? ORDER BY revision LIMIT ?",
+                        (self._revision, _HISTORY_PAGE),
+                    ).fetchall()
+            finally:
+                conn.execute("COMMIT")
+            self._compacted = max(self._compacted, compacted)
+            if top <= self._revision:
+                return
+            if compacted > self._revision:
+                # Fell behind past the history: end the watches (clients re-list) and skip on.
+                logger.warning("%s: events %d..%d were compacted before this process read "
+                               "them; ending its watches", self.path, self._revision, compacted)
+                for watchers in self._watchers.values():
+                    for w in watchers:
+                        w.end()
+                self._watchers.clear()
+                self._revision = top
+                return
+            events = [_RawEvent(*row) for row in rows]
+            self._publish(events)
+            self._revision = events[-1].revision
+            if len(events) < _HISTORY_PAGE:
+                return
+
     # --- event loop side of the writer ----------------------------------------------------------
 
     def _complete_batch(self, result: _BatchResult) -> None:
         """Runs on the event loop: publish the batch's events, then resolve its futures."""
-        self._revision = max(self._revision, result.revision)
-        self._compacted = max(self._compacted, result.compacted)
         try:
-            self._publish(result.events)
+            if not self.shared:
+                self._publish(result.events)
+                self._revision = max(self._revision, result.revision)
+            elif result.events and result.events[0].revision == self._revision + 1:
+                self._publish(result.events)
+                self._revision = result.events[-1].revision
+            else:
+                # Another process committed before this batch (or the batch wrote nothing and
+                # its revision says only where the others are): publish from the table, in
+                # order, and never move the revision past what watchers were given.
+                self._catch_up()
         except Exception:
             logger.exception("publishing events of %s failed", self.path)
+        self._compacted = max(self._compacted, result.compacted)
         for fut, value, exc in result.outcomes:
             if fut.done():  # the caller was cancelled; the write may still have happened
                 continue
@@ -480,8 +566,16 @@ class SqliteStore:
         compacted_rows = 0
         committing = False
         retry_singly = False
+        if self._wlock_fd is not None:
+            # Queue on a flock, not on SQLite's busy handler: that one sleeps in steps of
+            # milliseconds, this one wakes as soon as the other process commits.
+            fcntl.flock(self._wlock_fd, fcntl.LOCK_EX)
         try:
             conn.execute("BEGIN IMMEDIATE")
+            if self.shared:  # other processes may have written since this one last did
+                self._w_revision = _meta(conn, "revision")
+                self._w_compacted = _meta(conn, "compacted")
+            start_rev, start_compacted = self._w_revision, self._w_compacted
             for op in batch:
                 try:
                     value, event, deleted = self._apply(conn, op)
@@ -526,6 +620,9 @@ class SqliteStore:
                 self._commits += 1
             self._writes += len(result.events)
             self._max_batch = max(self._max_batch, len(batch))
+        finally:
+            if self._wlock_fd is not None:
+                fcntl.flock(self._wlock_fd, fcntl.LOCK_UN)
         if retry_singly:
             for op in batch:
                 self._run_batch([op])
@@ -598,6 +695,8 @@ class SqliteStore:
     def _checkpoint(self) -> None:
         conn = self._writer
         assert conn is not None
+        if self.shared and not self.lock:
+            return  # the owning process checkpoints; others may still be using the file
         try:
             conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         except sqlite3.Error:

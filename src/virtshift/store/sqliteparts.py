@@ -34,10 +34,28 @@ class _RawRecord(NamedTuple):
     create_revision: int
 
 
+# datetimes, dataclasses and subclasses of str/int/dict/list are not JSON: let the strict encoder
+# refuse them as it always did.
+_STRICT = (orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_PASSTHROUGH_DATACLASS
+           | orjson.OPT_PASSTHROUGH_SUBCLASS)
+
+
 def _dumps(value: Value) -> str:
-    """Compact JSON of a dict; ValueError for NaN/Infinity or strings SQLite cannot store."""
+    """Compact JSON of a dict; ValueError for NaN/Infinity or strings SQLite cannot store.
+
+    orjson does the common case. It writes NaN and Infinity as ``null`` and refuses integers
+    beyond 64 bits, non-string keys and lone surrogates, so a value whose text holds ``null`` or
+    that orjson refuses goes through the standard library's stricter encoder instead.
+    """
     if not isinstance(value, dict):
         raise TypeError(f"store values must be dicts, not {type(value).__name__}")
+    try:
+        data = orjson.dumps(value, option=_STRICT)
+    except TypeError:
+        pass
+    else:
+        if b"null" not in data:
+            return data.decode()
     text = json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
     _check_utf8(text, "value")
     return text
