@@ -18,6 +18,7 @@ import pytest
 from virtshift.errors import KeyExists, RevisionMismatch
 from virtshift.store.base import Event
 from virtshift.store.sqlite import SqliteStore
+from virtshift.store.sqliteshare import notify_dir
 
 DEADLINE = 30.0
 
@@ -113,6 +114,26 @@ async def test_other_process_writes_reach_watchers(tmp_path: Path) -> None:
         await owner.close()
 
 
+async def test_wake_ups_deliver_without_polling(tmp_path: Path) -> None:
+    """With the poll off, another store's commit reaches this store's watchers through its
+    wake-up alone."""
+    a = SqliteStore(tmp_path / "s.db", compact_interval=0, shared=True, poll_interval=3600)
+    b = SqliteStore(tmp_path / "s.db", compact_interval=0, shared=True, lock=False,
+                    poll_interval=3600)
+    await a.start()
+    await b.start()
+    try:
+        got = asyncio.create_task(collect(a.watch("/w/", a.revision), 5))
+        await asyncio.sleep(0)
+        for i in range(5):
+            await b.create(f"/w/{i}", {"i": i})
+        assert [e.key for e in await got] == [f"/w/{i}" for i in range(5)]
+    finally:
+        await b.close()
+        await a.close()
+    assert not notify_dir(tmp_path / "s.db").exists()  # the last store out removed it all
+
+
 async def test_unshared_store_still_refuses_a_second_opener(tmp_path: Path) -> None:
     owner = SqliteStore(tmp_path / "store.db", compact_interval=0, shared=True)
     await owner.start()
@@ -124,14 +145,17 @@ async def test_unshared_store_still_refuses_a_second_opener(tmp_path: Path) -> N
         await owner.close()
 
 
-async def test_a_failed_write_does_not_skip_the_other_stores_events(tmp_path: Path) -> None:
+async def test_a_failed_write_does_not_skip_the_other_stores_events(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A batch that writes nothing still reads the shared revision; the store must not take
     it as published, or its watchers would never get the other store's events."""
-    # a never polls: only its own batches make it read what b wrote
+    # a never polls and b's wake-ups are lost: only a's own batches make it read what b wrote
     a = SqliteStore(tmp_path / "s.db", compact_interval=0, shared=True, poll_interval=3600)
     b = SqliteStore(tmp_path / "s.db", compact_interval=0, shared=True, lock=False)
     await a.start()
     await b.start()
+    assert b._notifier is not None
+    monkeypatch.setattr(b._notifier, "notify_others", lambda: None)
     try:
         await _failed_write_scenario(a, b)
     finally:

@@ -24,7 +24,8 @@ with ``shared=True``; only the owning one takes the lock (``lock=True``). SQLite
 still serialises the transactions, so a shared writer reads the revision inside its transaction
 and revisions stay one global sequence. Each process publishes to its own watchers what the
 ``events`` table holds after the last revision it has published: right after its own commits,
-and when a short poll of ``meta.revision`` shows another process committed.
+and when another process wakes it after committing (:mod:`virtshift.store.sqliteshare`), with a
+slow poll of ``meta.revision`` in case a wake-up was lost.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ from virtshift.store.sqliteparts import (
     _dumps,
     _event,
     _EventList,
+    _meta,
     _Op,
     _OpList,
     _range_sql,
@@ -57,6 +59,7 @@ from virtshift.store.sqliteparts import (
     _record,
     _Watcher,
 )
+from virtshift.store.sqliteshare import Notifier
 
 logger = logging.getLogger(__name__)
 
@@ -106,7 +109,7 @@ class SqliteStore:
         watch_queue_size: int = 10000,
         shared: bool = False,
         lock: bool = True,
-        poll_interval: float = 0.005,
+        poll_interval: float = 0.1,
     ) -> None:
         if history < 0:
             raise ValueError("history must be >= 0")
@@ -121,6 +124,7 @@ class SqliteStore:
         self.poll_interval = poll_interval
         self._poller: asyncio.Task[None] | None = None
         self._wlock_fd: int | None = None  # shared mode: taken around each write transaction
+        self._notifier: Notifier | None = None  # shared mode: wake-ups from the other processes
 
         self._loop: asyncio.AbstractEventLoop | None = None
         self._reader: sqlite3.Connection | None = None
@@ -178,6 +182,8 @@ class SqliteStore:
                 self._compact_loop(), name=f"sqlite-compactor:{self.path.name}"
             )
         if self.shared:
+            self._notifier = Notifier(self.path)
+            self._notifier.open(self._loop, self._on_notify)
             self._poller = asyncio.create_task(
                 self._poll_loop(), name=f"sqlite-poller:{self.path.name}"
             )
@@ -202,6 +208,8 @@ class SqliteStore:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
         self._compactor = self._poller = None
+        if self._notifier is not None:
+            self._notifier.close()
         self._ops.put(None)  # the writer finishes everything queued before this, then exits
         if self._writer_done is not None:
             await self._writer_done
@@ -425,7 +433,16 @@ class SqliteStore:
 
     # --- other processes' writes (shared mode) -------------------------------------------------
 
+    def _on_notify(self) -> None:
+        assert self._notifier is not None
+        self._notifier.drain()
+        try:
+            self._catch_up()
+        except sqlite3.Error:
+            logger.exception("reading new events of %s failed", self.path)
+
     async def _poll_loop(self) -> None:
+        """A slow poll, in case a wake-up was lost (a process that started meanwhile)."""
         while True:
             await asyncio.sleep(self.poll_interval)
             try:
@@ -623,6 +640,8 @@ class SqliteStore:
         finally:
             if self._wlock_fd is not None:
                 fcntl.flock(self._wlock_fd, fcntl.LOCK_UN)
+        if self._notifier is not None and result.events:
+            self._notifier.notify_others()
         if retry_singly:
             for op in batch:
                 self._run_batch([op])
@@ -776,7 +795,3 @@ class SqliteStore:
         assert self._reader is not None
         return self._reader
 
-
-def _meta(conn: sqlite3.Connection, name: str) -> int:
-    row = conn.execute("SELECT value FROM meta WHERE name = ?", (name,)).fetchone()
-    return 0 if row is None else int(row[0])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sqlite3
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple
@@ -59,6 +60,11 @@ def _dumps(value: Value) -> str:
     text = json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
     _check_utf8(text, "value")
     return text
+
+
+def _meta(conn: sqlite3.Connection, name: str) -> int:
+    row = conn.execute("SELECT value FROM meta WHERE name = ?", (name,)).fetchone()
+    return 0 if row is None else int(row[0])
 
 
 def _check_utf8(text: str, what: str) -> None:
