@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
+from tests.conftest import CORPUS
 from virtshift.api.admission import AdmissionConfig, default, validate
 from virtshift.api.admission import quantity as q
 from virtshift.api.kinds import REGISTRY, KindInfo
 from virtshift.errors import FieldError, Invalid
 
-CORPUS = Path("/work/shared/reference/kubevirt-examples")
 UUID = "6a1a2e4c-0000-4000-8000-000000000001"
 CFG = AdmissionConfig(new_uuid=lambda: UUID)
 

@@ -27,7 +27,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Final
 
-from virtshift.api.jsonvalue import clone
+from virtshift.api.jsonvalue import clone, clone_py
 from virtshift.api.kinds import (
     CDI_SCHEMA_SOURCE,
     CORE_SCHEMA_SOURCE,
@@ -137,8 +137,8 @@ class _Node:
     """One compiled schema. Nodes of named definitions are shared (and may be cyclic)."""
 
     __slots__ = (
-        "additional", "enum", "fmt", "items", "kind", "nullable", "pattern", "pattern_text",
-        "preserve", "props", "required", "types",
+        "additional", "enum", "fmt", "int_max", "int_min", "items", "kind", "nullable", "pattern",
+        "pattern_text", "plain", "preserve", "props", "required", "types",
     )
 
     def __init__(self) -> None:
@@ -154,10 +154,68 @@ class _Node:
         self.additional: _Node | None = None
         self.items: _Node | None = None
         self.preserve = False
+        # The Python types of values this node accepts as they are, without a check or a copy
+        # (see _plain_types); set by _finish once the node's graph is compiled.
+        self.plain: frozenset[type] = frozenset()
+        # The ints this node accepts as they are (an empty range when it checks them).
+        self.int_min = 1
+        self.int_max = 0
 
     def copy_from(self, other: _Node) -> None:
-        for slot in _Node.__slots__:
+        for slot in _COPIED_SLOTS:
             setattr(self, slot, getattr(other, slot))
+
+
+_COPIED_SLOTS: Final = tuple(
+    s for s in _Node.__slots__ if s not in ("plain", "int_min", "int_max")
+)
+
+
+def _plain_types(node: _Node) -> frozenset[type]:
+    """The types of non-null values :func:`_check` returns unchanged and without errors."""
+    if node.kind == _ANY:
+        return frozenset({str, int, float, bool})  # scalars: clone() returns them as they are
+    if node.kind != _SCALAR:
+        return frozenset()
+    types = node.types
+    plain: set[type] = set()
+    if not node.enum:
+        if "string" in types and node.fmt not in ("date-time", "byte") and node.pattern is None:
+            plain.add(str)
+        if "boolean" in types:
+            plain.add(bool)
+        if "number" in types:
+            plain.add(float)
+    return frozenset(plain)
+
+
+def _plain_ints(node: _Node) -> tuple[int, int]:
+    """The range of ints :func:`_check` returns unchanged and without errors (any int of an
+    ``_ANY`` node is in its ``plain`` types already)."""
+    if node.kind != _SCALAR or node.enum or not node.types & {"integer", "number"}:
+        return 1, 0
+    return _INT32 if node.fmt == "int32" else _INT64
+
+
+def _finish(root: _Node) -> None:
+    """Set the shortcuts (``plain``, ``int_min``, ``int_max``) of every node reachable from
+    ``root``, once all of them are compiled: nodes are not changed after that."""
+    seen: set[int] = set()
+    stack = [root]
+    while stack:
+        node = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        node.plain = _plain_types(node)
+        node.int_min, node.int_max = _plain_ints(node)
+        stack.extend(node.props.values())
+        if node.additional is not None:
+            stack.append(node.additional)
+        if node.items is not None:
+            stack.append(node.items)
+
+
 
 
 class _Ctx:
@@ -203,7 +261,7 @@ def _check(node: _Node, value: Any, path: str, ctx: _Ctx) -> Any:
     if kind == _OBJECT:
         if not isinstance(value, dict):
             ctx.type_error(path, value, "object")
-            return clone(value)
+            return clone_py(value)
         out: Obj = {}
         props = node.props
         additional = node.additional
@@ -214,7 +272,7 @@ def _check(node: _Node, value: Any, path: str, ctx: _Ctx) -> Any:
                 if additional is not None:
                     sub = additional
                 elif node.preserve:
-                    out[key] = clone(sub_value)
+                    out[key] = clone_py(sub_value)
                     continue
                 else:
                     ctx.unknown(prefix + key)
@@ -223,6 +281,10 @@ def _check(node: _Node, value: Any, path: str, ctx: _Ctx) -> Any:
                 if sub.nullable or sub.kind == _ANY:
                     out[key] = None
                 continue  # null in a non-nullable field is pruned, as for structural schemas
+            t = type(sub_value)
+            if t in sub.plain or (t is int and sub.int_min <= sub_value <= sub.int_max):
+                out[key] = sub_value
+                continue
             out[key] = _check(sub, sub_value, prefix + key, ctx)
         for name in node.required:
             if name not in out:
@@ -231,12 +293,16 @@ def _check(node: _Node, value: Any, path: str, ctx: _Ctx) -> Any:
     if kind == _ARRAY:
         if not isinstance(value, list):
             ctx.type_error(path, value, "array")
-            return clone(value)
+            return clone_py(value)
         items = node.items
         if items is None:
-            return clone(value)
+            return clone_py(value)
+        plain = items.plain
         result: list[Any] = []
         for i, item in enumerate(value):
+            if type(item) in plain:
+                result.append(item)
+                continue
             item_path = f"{path}[{i}]"
             if item is None and not (items.nullable or items.kind == _ANY):
                 ctx.type_error(item_path, item, _expected(items))
@@ -246,7 +312,7 @@ def _check(node: _Node, value: Any, path: str, ctx: _Ctx) -> Any:
         return result
     if kind == _SCALAR:
         return _check_scalar(node, value, path, ctx)
-    return clone(value)
+    return clone_py(value)
 
 
 def _check_scalar(node: _Node, value: Any, path: str, ctx: _Ctx) -> Any:
@@ -294,7 +360,7 @@ def _check_scalar(node: _Node, value: Any, path: str, ctx: _Ctx) -> Any:
                 return value
     else:
         ctx.type_error(path, value, _expected(node))
-        return clone(value)
+        return clone_py(value)
     if node.enum and value not in node.enum:
         supported = ", ".join(_quote(e) for e in node.enum)
         ctx.errors.append(FieldError(
@@ -341,6 +407,7 @@ class SchemaSet:
         self._defs: dict[str, Mapping[str, Obj]] = dict(sources)
         self._nodes: dict[DefKey, _Node] = {}
         self._roots: dict[DefKey, _Node] = {}
+        self._kind_roots: dict[Any, _Node] = {}  # KindInfo.schema -> _root_node(canonical)
         self._published: dict[tuple[DefKey, str], tuple[Obj, tuple[DefKey, ...]]] = {}
 
     # ---- loading --------------------------------------------------------------------------
@@ -491,11 +558,15 @@ class SchemaSet:
             )
         if not isinstance(obj, dict):
             raise BadRequest(f"the body of a {kind.kind} must be a JSON object")
-        key = self.kind_definition(kind)
-        if key is None:
-            return clone(obj), []
+        root = self._kind_roots.get(kind.schema) if kind.schema is not None else None
+        if root is None:
+            key = self.kind_definition(kind)
+            if key is None:
+                return clone(obj), []
+            root = self._root_node(key)
+            self._kind_roots[kind.schema] = root
         ctx = _Ctx(field_validation)
-        pruned = _check(self._root_node(key), obj, "", ctx)
+        pruned = _check(root, obj, "", ctx)
         if ctx.errors:
             metadata = obj.get("metadata")
             name = metadata.get("name") if isinstance(metadata, dict) else None
@@ -531,6 +602,7 @@ class SchemaSet:
             **node.props,
         }
         root.required = tuple(r for r in node.required if r != "status")
+        _finish(root)
         self._roots[key] = root
         return root
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 from dataclasses import dataclass
@@ -86,10 +87,16 @@ async def read_body(request: web.Request, *, allow_empty: bool = False) -> Any:
     if request.content_length is not None and request.content_length > MAX_BODY:
         raise RequestEntityTooLarge("Request entity too large: limit is 3145728")
     raw = bytearray()
-    async for chunk in request.content.iter_chunked(65536):
-        raw += chunk
-        if len(raw) > MAX_BODY:
-            raise RequestEntityTooLarge("Request entity too large: limit is 3145728")
+    if request.content_length:  # the common case: one read of a known size
+        try:
+            raw += await request.content.readexactly(request.content_length)
+        except asyncio.IncompleteReadError as e:
+            raise BadRequest("the body of the request ended before its Content-Length") from e
+    else:
+        async for chunk in request.content.iter_chunked(65536):
+            raw += chunk
+            if len(raw) > MAX_BODY:
+                raise RequestEntityTooLarge("Request entity too large: limit is 3145728")
     if not raw.strip():
         if allow_empty:
             return None

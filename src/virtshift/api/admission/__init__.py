@@ -111,7 +111,7 @@ def default(
     defaulter = _DEFAULTERS.get((kind.group, kind.kind))
     if defaulter is None:
         return obj  # nothing to default: no copy needed
-    out = clone(obj)
+    out: Obj = clone(obj)
     defaulter(out, old is not None, config)
     return out
 

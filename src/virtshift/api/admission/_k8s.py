@@ -31,6 +31,11 @@ def _max_len_error(n: int) -> str:
     return f"must be no more than {n} characters"
 
 
+def is_dns1123_label(value: str) -> bool:
+    """Whether ``value`` matches the RFC 1123 label pattern (its length aside)."""
+    return _LABEL.match(value) is not None
+
+
 def dns1123_label(value: str) -> list[str]:
     """Error messages for ``value`` as an RFC 1123 label (empty when valid)."""
     errs: list[str] = []

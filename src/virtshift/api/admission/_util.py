@@ -23,36 +23,60 @@ NOT_FOUND = "FieldValueNotFound"
 
 
 class Path:
-    """A field path rendered like ``k8s.io/apimachinery/pkg/util/validation/field.Path``."""
+    """A field path rendered like ``k8s.io/apimachinery/pkg/util/validation/field.Path``.
 
-    __slots__ = ("_text",)
+    Paths are built for every checked field but rendered only for the few that end up in a
+    cause, so a derived path only records its parent and step and renders on first ``str``.
+    """
+
+    __slots__ = ("_arg", "_parent", "_text")
 
     def __init__(self, *names: str) -> None:
-        self._text = ".".join(names)
-
-    @classmethod
-    def _raw(cls, text: str) -> Path:
-        p = cls()
-        p._text = text
-        return p
+        self._text: str | None = ".".join(names)
+        self._parent: Path | None = None
+        # The step from the parent: child names, an index, or an already bracketed key.
+        self._arg: tuple[str, ...] | int | str = ""
 
     def child(self, *names: str) -> Path:
-        text = self._text
-        for name in names:
-            text = f"{text}.{name}" if text else name
-        return Path._raw(text)
+        p = Path.__new__(Path)
+        p._text = None
+        p._parent = self
+        p._arg = names
+        return p
 
     def index(self, i: int) -> Path:
-        return Path._raw(f"{self._text}[{i}]")
+        p = Path.__new__(Path)
+        p._text = None
+        p._parent = self
+        p._arg = i if type(i) is int else f"[{i}]"  # rendered lazily when it is an int
+        return p
 
     def key(self, k: str) -> Path:
-        return Path._raw(f"{self._text}[{k}]")
+        p = Path.__new__(Path)
+        p._text = None
+        p._parent = self
+        p._arg = f"[{k}]"
+        return p
 
     def __str__(self) -> str:
-        return self._text
+        text = self._text
+        if text is not None:
+            return text
+        assert self._parent is not None
+        text = str(self._parent)
+        arg = self._arg
+        if isinstance(arg, tuple):
+            for name in arg:
+                text = f"{text}.{name}" if text else name
+        elif isinstance(arg, str):
+            text = f"{text}{arg}"
+        else:
+            text = f"{text}[{arg}]"
+        self._text = text
+        return text
 
     def __repr__(self) -> str:
-        return f"Path({self._text!r})"
+        return f"Path({str(self)!r})"
 
 
 def cause(type_: str, field: Path | str, message: str) -> FieldError:
@@ -70,7 +94,9 @@ def as_list(value: Any) -> list[Any]:
 
 def dicts(value: Any) -> list[Obj]:
     """The list items of ``value``; non-mapping items read as empty mappings."""
-    return [as_dict(v) for v in as_list(value)]
+    if not isinstance(value, list):
+        return []
+    return [v if isinstance(v, dict) else {} for v in value]
 
 
 def is_set(mapping: Obj, key: str) -> bool:
@@ -97,3 +123,5 @@ def ensure_dict(mapping: Obj, key: str) -> Obj:
         value = {}
         mapping[key] = value
     return value
+
+

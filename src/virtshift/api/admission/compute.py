@@ -8,6 +8,7 @@ Upstream: the ``validateMemory*``, ``validateCPU*``, ``validateCpuPinning``, ``v
 
 from __future__ import annotations
 
+import functools
 import re
 from fractions import Fraction
 
@@ -31,7 +32,9 @@ from virtshift.errors import FieldError
 
 _ZERO = quantity.Quantity(Fraction(0), quantity.DECIMAL_SI)
 _ONE_M = quantity.parse("1M")
+_ONE_M_VALUE = _ONE_M.value()
 _SERIAL = re.compile(r"^[A-Za-z0-9_.+-]+$")
+_CPU_RULE_KEYS = frozenset({"numa", "isolateEmulatorThread", "features", "realtime"})
 _CPU_FEATURE_POLICIES = ("", "force", "require", "optional", "disable", "forbid")
 
 
@@ -42,6 +45,8 @@ class _Resources:
         resources = as_dict(domain.get("resources"))
         self.field = field
         self._values: dict[tuple[str, str], quantity.Quantity] = {}
+        if not resources:
+            return
         for group in ("requests", "limits"):
             for key, value in as_dict(resources.get(group)).items():
                 try:
@@ -71,6 +76,14 @@ def _vcpus(cpu: Obj) -> int:
     return total
 
 
+def _below_one_m(q: quantity.Quantity) -> bool:
+    """``q < 1M``, decided on the (cached) integer value where it can be."""
+    value = q.value()  # ceil(amount): amount <= value < amount + 1
+    if value != _ONE_M_VALUE:
+        return value < _ONE_M_VALUE
+    return q.amount < _ONE_M.amount
+
+
 def validate_resources(field: Path, spec: Obj) -> list[FieldError]:
     """Memory and CPU requests/limits, hugepages and guest memory."""
     errs: list[FieldError] = []
@@ -78,53 +91,57 @@ def validate_resources(field: Path, spec: Obj) -> list[FieldError]:
     res = _Resources(field, domain, errs)
     mem_req, mem_lim = res.get("requests", "memory"), res.get("limits", "memory")
     cpu_req, cpu_lim = res.get("requests", "cpu"), res.get("limits", "cpu")
+    mem_req_value, mem_lim_value = mem_req.value(), mem_lim.value()
     # validateMemoryRequestsNegativeOrNull
-    if mem_req.value() < 0:
+    if mem_req_value < 0:
         errs.append(_must_be_positive(res.path("requests", "memory"), mem_req))
-    elif mem_req.value() > 0 and mem_req.amount < _ONE_M.amount:
+    elif mem_req_value > 0 and _below_one_m(mem_req):
         at = res.path("requests", "memory")
         errs.append(cause(INVALID, at, f"{at} '{mem_req}': must be greater than or equal to 1M."))
     # validateMemoryLimitsNegativeOrNull
-    if mem_lim.value() < 0:
+    if mem_lim_value < 0:
         errs.append(_must_be_positive(res.path("limits", "memory"), mem_lim))
-    if mem_lim.value() > 0 and mem_req.value() > mem_lim.value():
+    if mem_lim_value > 0 and mem_req_value > mem_lim_value:
         errs.append(cause(
             INVALID, res.path("requests", "memory"),
             f"{res.path('requests', 'memory')} '{mem_req}' is greater than "
             f"{res.path('limits', 'memory')} '{mem_lim}'",
         ))
     memory = as_dict(domain.get("memory"))
-    errs.extend(_validate_hugepages(field, memory, mem_req))
+    if isinstance(memory.get("hugepages"), dict):
+        errs.extend(_validate_hugepages(field, memory, mem_req))
     # validateGuestMemoryLimit
     guest = memory.get("guest")
     if guest is not None:
-        guest_at = field.child("domain", "memory", "guest")
         try:
             guest_q = quantity.parse_value(guest)
         except ValueError:
-            errs.append(cause(INVALID, guest_at, quantity.FORMAT_ERROR))
+            errs.append(cause(INVALID, field.child("domain", "memory", "guest"),
+                              quantity.FORMAT_ERROR))
         else:
-            limit = mem_lim.value()
+            limit = mem_lim_value
             if limit != 0 and limit < guest_q.value():
+                guest_at = field.child("domain", "memory", "guest")
                 errs.append(cause(
                     INVALID, guest_at,
                     f"{guest_at} '{guest_q}' must be equal to or less than the memory limit "
                     f"{res.path('limits', 'memory')} '{mem_lim}'",
                 ))
     # validateCPURequestNotNegative / validateCPULimitNotNegative
-    if cpu_req.milli_value() < 0:
+    cpu_req_milli, cpu_lim_milli = cpu_req.milli_value(), cpu_lim.milli_value()
+    if cpu_req_milli < 0:
         errs.append(_must_be_positive(res.path("requests", "cpu"), cpu_req))
-    if cpu_lim.milli_value() < 0:
+    if cpu_lim_milli < 0:
         errs.append(_must_be_positive(res.path("limits", "cpu"), cpu_lim))
     # validateCpuRequestDoesNotExceedLimit
-    if cpu_lim.milli_value() > 0 and cpu_req.milli_value() > cpu_lim.milli_value():
+    if cpu_lim_milli > 0 and cpu_req_milli > cpu_lim_milli:
         errs.append(cause(
             INVALID, res.path("requests", "cpu"),
             f"{res.path('requests', 'cpu')} '{cpu_req}' is greater than "
             f"{res.path('limits', 'cpu')} '{cpu_lim}'",
         ))
-    cpu = as_dict(domain.get("cpu"))
-    if cpu.get("dedicatedCpuPlacement") is True:
+    cpu = domain.get("cpu")
+    if isinstance(cpu, dict) and cpu.get("dedicatedCpuPlacement") is True:
         errs.extend(_validate_cpu_pinning(field, cpu, res))
     return errs
 
@@ -207,9 +224,11 @@ def _validate_cpu_pinning(field: Path, cpu: Obj, res: _Resources) -> list[FieldE
 
 def validate_cpu(field: Path, spec: Obj, cfg: AdmissionConfig) -> list[FieldError]:
     """Topology counts, NUMA, emulator-thread isolation, feature policies and realtime."""
-    errs: list[FieldError] = []
     domain = as_dict(spec.get("domain"))
     cpu = as_dict(domain.get("cpu"))
+    if not cpu:
+        return []  # every rule below reads a field of cpu
+    errs: list[FieldError] = []
     cpu_at = field.child("domain", "cpu")
     # The topology counts are unsigned upstream; a negative one fails to decode there.
     for key in ("cores", "sockets", "threads", "maxSockets"):
@@ -217,6 +236,8 @@ def validate_cpu(field: Path, spec: Obj, cfg: AdmissionConfig) -> list[FieldErro
         if n is not None and n < 0:
             at = cpu_at.child(key)
             errs.append(cause(INVALID, at, f"{at} '{n}': must be greater than or equal to 0."))
+    if _CPU_RULE_KEYS.isdisjoint(cpu):
+        return errs  # none of the fields the rules below read
     dedicated = cpu.get("dedicatedCpuPlacement") is True
     numa = as_dict(cpu.get("numa"))
     passthrough = cpu_at.child("numa", "guestMappingPassthrough")
@@ -266,12 +287,18 @@ def validate_cpu(field: Path, spec: Obj, cfg: AdmissionConfig) -> list[FieldErro
     return errs
 
 
+@functools.lru_cache(maxsize=16)
+def _machine_patterns(patterns: tuple[str, ...]) -> tuple[re.Pattern[str], ...]:
+    """The compiled emulated-machine regexes of a cluster configuration."""
+    return tuple(re.compile(p) for p in patterns)
+
+
 def validate_machine(field: Path, spec: Obj, cfg: AdmissionConfig) -> list[FieldError]:
     """``validateEmulatedMachine``: the machine type matches one of the (unanchored) regexes."""
     machine_type = as_str(as_dict(as_dict(spec.get("domain")).get("machine")).get("type"))
     if not machine_type:
         return []
-    if any(re.search(pattern, machine_type) for pattern in cfg.emulated_machines):
+    if any(p.search(machine_type) for p in _machine_patterns(cfg.emulated_machines)):
         return []
     at = field.child("domain", "machine", "type")
     return [cause(
@@ -283,8 +310,10 @@ def validate_machine(field: Path, spec: Obj, cfg: AdmissionConfig) -> list[Field
 
 def validate_firmware(field: Path, spec: Obj) -> list[FieldError]:
     """Firmware serial, bootloader exclusivity, kernel boot and the SecureBoot/SMM pairing."""
-    errs: list[FieldError] = []
     domain = as_dict(spec.get("domain"))
+    if not isinstance(domain.get("firmware"), dict):
+        return []  # no serial, bootloader or kernel boot
+    errs: list[FieldError] = []
     firmware = as_dict(domain.get("firmware"))
     fw_at = field.child("domain", "firmware")
     serial = as_str(firmware.get("serial"))

@@ -71,19 +71,27 @@ def validate(field: Path, spec: Obj, cfg: AdmissionConfig) -> list[FieldError]:
     ifaces = dicts(as_dict(as_dict(spec.get("domain")).get("devices")).get("interfaces"))
     ifaces_at = field.child("domain", "devices", "interfaces")
     nets_at = field.child("networks")
-    by_name = {as_str(n.get("name")): n for n in networks}
-    iface_names = {as_str(i.get("name")) for i in ifaces}
+    net_names = [as_str(n.get("name")) for n in networks]
+    iface_name_list = [as_str(i.get("name")) for i in ifaces]
+    by_name = dict(zip(net_names, networks, strict=True))
+    iface_names = set(iface_name_list)
     errs: list[FieldError] = []
 
     # validateSinglePodNetwork
-    pods = [n for n in networks if is_set(n, "pod")]
-    multus_defaults = [n for n in networks if as_dict(n.get("multus")).get("default") is True]
-    if len(pods) > 1:
+    pods = 0
+    multus_defaults = 0
+    for n in networks:
+        if n.get("pod") is not None:
+            pods += 1
+        multus = n.get("multus")
+        if isinstance(multus, dict) and multus.get("default") is True:
+            multus_defaults += 1
+    if pods > 1:
         errs.append(cause(
             DUPLICATE, field.child("interfaces"),
             f"more than one interface is connected to a pod network in {field.child('interfaces')}",
         ))
-    if len(multus_defaults) > 1:
+    if multus_defaults > 1:
         errs.append(cause(INVALID, nets_at, "Multus CNI should only have one default network"))
     if pods and multus_defaults:
         errs.append(cause(
@@ -91,7 +99,7 @@ def validate(field: Path, spec: Obj, cfg: AdmissionConfig) -> list[FieldError]:
         ))
     # validateSingleNetworkSource
     for idx, net in enumerate(networks):
-        has_pod, has_multus = is_set(net, "pod"), is_set(net, "multus")
+        has_pod, has_multus = net.get("pod") is not None, net.get("multus") is not None
         if not has_pod and not has_multus:
             errs.append(cause(REQUIRED, nets_at.index(idx), "should have a network type"))
         elif has_pod and has_multus:
@@ -107,35 +115,33 @@ def validate(field: Path, spec: Obj, cfg: AdmissionConfig) -> list[FieldError]:
     errs.extend(_validate_states(ifaces_at, ifaces, networks))
     errs.extend(_validate_bindings(ifaces_at, ifaces, by_name, cfg))
     # validateNetworkNameUnique
-    seen: set[str] = set()
-    for idx, net in enumerate(networks):
-        name = as_str(net.get("name"))
-        if name in seen:
-            errs.append(cause(
-                DUPLICATE, nets_at.index(idx).child("name"),
-                f'Network with name "{name}" already exists, every network must have a unique '
-                "name",
-            ))
-        seen.add(name)
+    if len(set(net_names)) != len(net_names):
+        seen: set[str] = set()
+        for idx, name in enumerate(net_names):
+            if name in seen:
+                errs.append(cause(
+                    DUPLICATE, nets_at.index(idx).child("name"),
+                    f'Network with name "{name}" already exists, every network must have a '
+                    "unique name",
+                ))
+            seen.add(name)
     # validateNetworksAssignedToInterfaces
-    for idx, net in enumerate(networks):
-        name = as_str(net.get("name"))
+    for idx, name in enumerate(net_names):
         if name not in iface_names:
             at = nets_at.index(idx).child("name")
             errs.append(cause(REQUIRED, at, _NAME_NOT_FOUND.format(at, name)))
     # validateInterfaceNameUnique
-    seen = set()
-    for idx, iface in enumerate(ifaces):
-        name = as_str(iface.get("name"))
-        if name in seen:
-            errs.append(cause(
-                DUPLICATE, ifaces_at.index(idx).child("name"),
-                "Only one interface can be connected to one specific network",
-            ))
-        seen.add(name)
+    if len(iface_names) != len(iface_name_list):
+        seen = set()
+        for idx, name in enumerate(iface_name_list):
+            if name in seen:
+                errs.append(cause(
+                    DUPLICATE, ifaces_at.index(idx).child("name"),
+                    "Only one interface can be connected to one specific network",
+                ))
+            seen.add(name)
     # validateInterfacesAssignedToNetworks
-    for idx, iface in enumerate(ifaces):
-        name = as_str(iface.get("name"))
+    for idx, name in enumerate(iface_name_list):
         if name not in by_name:
             at = ifaces_at.index(idx).child("name")
             errs.append(cause(INVALID, at, _NAME_NOT_FOUND.format(at, name)))

@@ -44,9 +44,19 @@ class Quantity:
 
     def value(self) -> int:
         """The value rounded up to an integer (``resource.Quantity.Value``)."""
-        return _round_up(self.amount)
+        return self._value
 
     def milli_value(self) -> int:
+        return self._milli_value
+
+    # Computed once per quantity: parsed quantities are shared (see _parse_text) and admission
+    # asks for the same values many times.
+    @functools.cached_property
+    def _value(self) -> int:
+        return _round_up(self.amount)
+
+    @functools.cached_property
+    def _milli_value(self) -> int:
         return _round_up(self.amount * 1000)
 
     def is_zero(self) -> bool:

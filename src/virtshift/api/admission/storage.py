@@ -45,6 +45,9 @@ VOLUME_SOURCES = (
 DISK_TARGETS = ("disk", "lun", "cdrom")
 SUPPORTED_BUSES = ("virtio", "scsi", "sata", "usb")
 _SERIAL = re.compile(r"^[A-Za-z0-9_.+-]+$")
+_VOLUME_SOURCE_SET = frozenset(VOLUME_SOURCES)
+# A disk with no other keys than these has none of the optional settings validate_disks checks.
+_PLAIN_DISK_KEYS = frozenset({"name", *DISK_TARGETS})
 _NAME_NOT_FOUND = "{} '{}' not found."
 
 
@@ -71,10 +74,18 @@ def validate_disks(field: Path, disks: list[Obj]) -> list[FieldError]:
             ))
         else:
             seen[name] = idx
-        if sum(1 for t in DISK_TARGETS if is_set(disk, t)) > 1:
+        if sum(1 for t in DISK_TARGETS if disk.get(t) is not None) > 1:
             errs.append(cause(INVALID, at, f"{at} can only have a single target type defined"))
         target_type, target = _disk_target(disk)
         bus = as_str(target.get("bus"))
+        if _PLAIN_DISK_KEYS.issuperset(disk) and "pciAddress" not in as_dict(disk.get("disk")):
+            # Just a name and targets: only the bus and the name's form are left to check.
+            errs.extend(_validate_bus(field, idx, disk, target_type, bus))
+            if len(name) > _k8s.LABEL_MAX or not _k8s.is_dns1123_label(name):
+                odd_name = field.child("domain", "devices", "disks").index(idx).child("name")
+                for msg in _k8s.dns1123_label(name):
+                    errs.append(cause(INVALID, odd_name, msg))
+            continue
         pci = as_str(as_dict(disk.get("disk")).get("pciAddress"))
         if pci:
             odd = field.child("domain", "devices", "disks", "disk").index(idx)
@@ -418,7 +429,8 @@ def validate_volumes(field: Path, volumes: list[Obj], cfg: AdmissionConfig) -> l
             ))
         else:
             seen[name] = idx
-        sources = [s for s in VOLUME_SOURCES if is_set(volume, s)]
+        # Only counted below, so the volume's own key order does as well as VOLUME_SOURCES'.
+        sources = [s for s, v in volume.items() if v is not None and s in _VOLUME_SOURCE_SET]
         for s in sources:
             if s in singletons:
                 singletons[s] += 1

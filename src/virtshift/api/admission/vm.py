@@ -121,8 +121,15 @@ def validate(
     template = spec.get("template")
     if not isinstance(template, dict):
         return [cause(REQUIRED, Path("spec", "template"), "missing virtual machine template.")]
-    checked = clone(spec)
-    tspec = ensure_dict(ensure_dict(checked, "template"), "spec")
+    # Only the template's spec is defaulted: the rest of the copy can share the original's
+    # values (nothing below writes to them).
+    checked = dict(spec)
+    checked_template = dict(template)
+    checked["template"] = checked_template
+    tspec = clone(template.get("spec"))
+    if not isinstance(tspec, dict):
+        tspec = {}
+    checked_template["spec"] = tspec
     vmi_defaults.default_spec(tspec, cfg)
     if old is None:
         # Upstream validates creation-only network rules against "spec", not the template.
@@ -187,9 +194,12 @@ def _validate_sockets(field: Path, tspec: Obj) -> list[FieldError]:
 
 def _validate_data_volume_templates(field: Path, spec: Obj) -> list[FieldError]:
     """``ValidateDataVolumeTemplate`` (upstream spells the path ``dataVolumeTemplate``)."""
+    templates = dicts(spec.get("dataVolumeTemplates"))
+    if not templates:
+        return []
     errs: list[FieldError] = []
     volumes = dicts(as_dict(as_dict(spec.get("template")).get("spec")).get("volumes"))
-    for idx, template in enumerate(dicts(spec.get("dataVolumeTemplates"))):
+    for idx, template in enumerate(templates):
         at = field.child("dataVolumeTemplate").index(idx)
         problem = _validate_data_volume(at, template)
         if problem:

@@ -52,26 +52,22 @@ def validate_spec(field: Path, spec: Obj, cfg: AdmissionConfig) -> list[FieldErr
     """``ValidateVirtualMachineInstanceSpec`` plus the network validator."""
     domain = as_dict(spec.get("domain"))
     devices = as_dict(domain.get("devices"))
-    for items, at in (
-        (as_list(devices.get("disks")), field.child("domain", "devices", "disks")),
-        (as_list(spec.get("volumes")), field.child("volumes")),
-    ):
-        too_many = storage.too_many(at, items)
-        if too_many is not None:
-            return [too_many]
+    limit = storage.ARRAY_LEN_MAX
+    if len(as_list(devices.get("disks"))) > limit:
+        return [_too_many(field.child("domain", "devices", "disks"), devices.get("disks"))]
+    if len(as_list(spec.get("volumes"))) > limit:
+        return [_too_many(field.child("volumes"), spec.get("volumes"))]
     errs: list[FieldError] = []
     errs.extend(_validate_names(field, spec))
     errs.extend(compute.validate_resources(field, spec))
     errs.extend(compute.validate_machine(field, spec, cfg))
     errs.extend(compute.validate_cpu(field, spec, cfg))
     errs.extend(_validate_start_strategy(field, spec))
-    for items, at in (
-        (as_list(devices.get("interfaces")), field.child("domain", "devices", "interfaces")),
-        (as_list(spec.get("networks")), field.child("networks")),
-    ):
-        too_many = storage.too_many(at, items)
-        if too_many is not None:
-            return [*errs, too_many]
+    if len(as_list(devices.get("interfaces"))) > limit:
+        return [*errs, _too_many(field.child("domain", "devices", "interfaces"),
+                                 devices.get("interfaces"))]
+    if len(as_list(spec.get("networks"))) > limit:
+        return [*errs, _too_many(field.child("networks"), spec.get("networks"))]
     boot_orders: set[int] = set()
     errs.extend(storage.validate_boot_order(field, spec, boot_orders))
     errs.extend(network.validate(field, spec, cfg))
@@ -105,7 +101,15 @@ def validate_spec(field: Path, spec: Obj, cfg: AdmissionConfig) -> list[FieldErr
     return errs
 
 
+def _too_many(at: Path, items: object) -> FieldError:
+    error = storage.too_many(at, as_list(items))
+    assert error is not None
+    return error
+
+
 def _validate_names(field: Path, spec: Obj) -> list[FieldError]:
+    if "hostname" not in spec and "subdomain" not in spec:
+        return []
     errs: list[FieldError] = []
     hostname = as_str(spec.get("hostname"))
     if hostname:
@@ -145,6 +149,8 @@ def _validate_start_strategy(field: Path, spec: Obj) -> list[FieldError]:
 
 
 def _validate_inputs(field: Path, devices: Obj) -> list[FieldError]:
+    if "inputs" not in devices:
+        return []
     errs: list[FieldError] = []
     for idx, device in enumerate(dicts(devices.get("inputs"))):
         at = field.child("domain", "devices", "inputs").index(idx)
@@ -158,6 +164,10 @@ def _validate_inputs(field: Path, devices: Obj) -> list[FieldError]:
 
 
 def _validate_probes(field: Path, spec: Obj) -> list[FieldError]:
+    if not isinstance(spec.get("readinessProbe"), dict) and not isinstance(
+        spec.get("livenessProbe"), dict
+    ):
+        return []
     errs: list[FieldError] = []
     no_pod = network.pod_interface_count(spec) < 1
     for name in ("readinessProbe", "livenessProbe"):
@@ -188,6 +198,8 @@ def _validate_probes(field: Path, spec: Obj) -> list[FieldError]:
 
 def _validate_access_credentials(field: Path, spec: Obj) -> list[FieldError]:
     """``validateAccessCredentials``."""
+    if not spec.get("accessCredentials") or not isinstance(spec.get("accessCredentials"), list):
+        return []  # no credentials: nothing to check
     creds = dicts(spec.get("accessCredentials"))
     too_many = storage.too_many(field, as_list(spec.get("accessCredentials")))
     if too_many is not None:
@@ -260,6 +272,8 @@ def _source_and_method(kind_at: Path, at: Path, cred: Obj, methods: int) -> list
 def _validate_dns(field: Path, spec: Obj) -> list[FieldError]:
     """``validateDNSPolicy`` and ``validatePodDNSConfig`` (copied upstream from Kubernetes,
     with their bare ``nameservers``/``searchDomains``/``options`` fields)."""
+    if spec.get("dnsPolicy") is None and spec.get("dnsConfig") is None:
+        return []  # the default policy and no config
     errs: list[FieldError] = []
     policy = as_str(spec.get("dnsPolicy"))
     if policy not in DNS_POLICIES:
@@ -330,7 +344,7 @@ def validate_metadata(
     """``ValidateVirtualMachineInstanceMetadata``: reserved labels and gated annotations."""
     errs: list[FieldError] = []
     labels = as_dict(metadata.get("labels"))
-    if not internal and any(label in labels for label in RESTRICTED_LABELS):
+    if not internal and labels and any(label in labels for label in RESTRICTED_LABELS):
         errs.append(cause(
             NOT_SUPPORTED, field.child("labels"),
             "creation of the following reserved kubevirt.io/ labels on a VMI object is "
