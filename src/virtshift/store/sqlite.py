@@ -59,7 +59,7 @@ from virtshift.store.sqliteparts import (
     _record,
     _Watcher,
 )
-from virtshift.store.sqliteshare import Notifier
+from virtshift.store.sqliteshare import Notifier, owner_lock
 
 logger = logging.getLogger(__name__)
 
@@ -86,6 +86,7 @@ INSERT OR IGNORE INTO meta (name, value) VALUES ('schema', 1), ('revision', 0), 
 """
 
 _MAX_BATCH = 1000  # ops per group-commit transaction
+_KEY_TAKEN = (sqlite3.SQLITE_CONSTRAINT_PRIMARYKEY, sqlite3.SQLITE_CONSTRAINT_UNIQUE)
 _HISTORY_PAGE = 1000  # events read per query while replaying a watch
 _VACUUM_MIN_FREE_PAGES = 256  # run incremental_vacuum after a compaction above this
 
@@ -159,7 +160,7 @@ class SqliteStore:
             raise StoreError("store already started")
         self._loop = asyncio.get_running_loop()
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._lock_fd = self._acquire_lock() if self.lock else None
+        self._lock_fd = owner_lock(self.path) if self.lock else None
         if self.shared:
             self._wlock_fd = os.open(f"{self.path}.wlock", os.O_RDWR | os.O_CREAT, 0o600)
         try:
@@ -603,6 +604,13 @@ class SqliteStore:
                 compacted_rows += deleted
                 if event is not None:
                     result.events.append(event)
+            if result.events:
+                conn.executemany(
+                    "INSERT INTO events (revision, key, type, value, prev_value, create_revision)"
+                    " VALUES (?, ?, ?, ?, ?, ?)",
+                    [(e.revision, e.key, e.type, e.value, e.prev_value, e.create_revision)
+                     for e in result.events],
+                )
             if self._w_revision != start_rev:
                 conn.execute(
                     "UPDATE meta SET value = ? WHERE name = 'revision'", (self._w_revision,)
@@ -662,20 +670,24 @@ class SqliteStore:
                 self._w_compacted = target
             return target, None, max(deleted, 0)
 
-        row = conn.execute(
-            "SELECT value, revision, create_revision FROM objects WHERE key = ?", (op.key,)
-        ).fetchone()
         if op.kind == "create":
-            if row is not None:
-                raise KeyExists(f"key {op.key!r} exists")
             rev = self._w_revision + 1
-            conn.execute(
-                "INSERT INTO objects (key, value, revision, create_revision) VALUES (?, ?, ?, ?)",
-                (op.key, op.value, rev, rev),
-            )
+            try:  # the primary key refuses an existing key (only this statement is undone)
+                conn.execute(
+                    "INSERT INTO objects (key, value, revision, create_revision)"
+                    " VALUES (?, ?, ?, ?)",
+                    (op.key, op.value, rev, rev),
+                )
+            except sqlite3.IntegrityError as exc:
+                if exc.sqlite_errorcode not in _KEY_TAKEN:
+                    raise
+                raise KeyExists(f"key {op.key!r} exists") from None
             event = _RawEvent(rev, "PUT", op.key, op.value, None, rev)
             record = _RawRecord(op.key, op.value, rev, rev)
         else:
+            row = conn.execute(
+                "SELECT value, revision, create_revision FROM objects WHERE key = ?", (op.key,)
+            ).fetchone()
             if row is None:
                 raise KeyNotFound(f"key {op.key!r} not found")
             old_value, old_rev, create_rev = row
@@ -693,12 +705,7 @@ class SqliteStore:
                 conn.execute("DELETE FROM objects WHERE key = ?", (op.key,))
                 event = _RawEvent(rev, "DELETE", op.key, old_value, None, create_rev)
                 record = _RawRecord(op.key, old_value, rev, create_rev)
-        conn.execute(
-            "INSERT INTO events (revision, key, type, value, prev_value, create_revision)"
-            " VALUES (?, ?, ?, ?, ?, ?)",
-            (rev, event.key, event.type, event.value, event.prev_value, event.create_revision),
-        )
-        self._w_revision = rev
+        self._w_revision = rev  # its events row is written with the batch's (_run_batch)
         return record, event, 0
 
     def _incremental_vacuum(self) -> None:
@@ -766,16 +773,6 @@ class SqliteStore:
                     logger.exception("closing a connection to %s failed", self.path)
         self._reader = None
         self._writer = None
-
-    def _acquire_lock(self) -> int:
-        lock_path = f"{self.path}.lock"
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise StoreError(f"{self.path} is in use by another store") from None
-        return fd
 
     def _release_lock(self) -> None:
         if self._lock_fd is not None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import hashlib
 import os
 import secrets
@@ -19,6 +20,20 @@ import socket
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+
+from virtshift.errors import StoreError
+
+
+def owner_lock(store_path: Path) -> int:
+    """Take the exclusive ``flock`` on ``<store>.lock`` that makes a process the file's one
+    owner (or its only user); the returned descriptor holds it until closed."""
+    fd = os.open(f"{store_path}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise StoreError(f"{store_path} is in use by another store") from None
+    return fd
 
 
 def notify_dir(store_path: Path) -> Path:
