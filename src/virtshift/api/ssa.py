@@ -39,20 +39,26 @@ from virtshift.api.kinds import KindInfo
 from virtshift.api.managedfields import (
     APPLY,
     UPDATE,
+    EntryDraft,
     FieldDiff,
     FieldSet,
     ManagedEntry,
     Path,
-    decode_entries,
+    decode_drafts,
     decode_managed_fields,
     diff_fieldset,
+    entry_json,
     field_children,
     fields_v1,
+    fields_v1_has,
     fieldset_of,
+    identity_key,
     parse_fields_v1,
     path_sort_key,
     path_string,
+    store_drafts,
     store_managed_fields,
+    subtree_fields_v1,
 )
 from virtshift.errors import BadRequest, Conflict, FieldError
 
@@ -110,6 +116,14 @@ def _without_managed(obj: Any) -> Obj:
     return out
 
 
+def _managed_view(obj: Obj) -> Obj:
+    """``obj`` without ``metadata.managedFields``, sharing everything else (read only)."""
+    meta = obj.get("metadata")
+    if not isinstance(meta, dict) or "managedFields" not in meta:
+        return obj
+    return {**obj, "metadata": {k: v for k, v in meta.items() if k != "managedFields"}}
+
+
 def _fill(zero: Obj, obj: Obj) -> Obj:
     out = dict(obj)
     for key, value in zero.items():
@@ -142,6 +156,67 @@ def _ownable(kind: KindInfo, subresource: str, paths: Iterable[Path]) -> FieldSe
     return frozenset(out)
 
 
+_STRIPPED_ROOT: Final = frozenset(p[0][2:] for p in _STRIPPED if len(p) == 1)
+_STRIPPED_META: Final = frozenset(p[1][2:] for p in _STRIPPED if len(p) == 2)
+
+
+def _unowned_node(tree: Obj) -> Obj | None:
+    """The FieldsV1 node of a never-owned field: its owned descendants only, if any."""
+    tree.pop(".", None)
+    return tree or None
+
+
+def _zero_struct_fields(kind: KindInfo, zero: Obj, value: Any, names: Names) -> Obj | None:
+    """The FieldsV1 node a create writes for a built-in kind's always-present struct: the
+    struct is not owned (the typed zero object has it), what it holds is; None if nothing."""
+    if not isinstance(value, dict):
+        return subtree_fields_v1(kind, value, names)  # changed shape: owned, as is below
+    node: Obj = {}
+    for key in sorted(value):
+        below = zero.get(key)
+        child = (_zero_struct_fields(kind, below, value[key], (*names, key))
+                 if isinstance(below, dict) else
+                 subtree_fields_v1(kind, value[key], (*names, key)))
+        if child is not None:
+            node[f"f:{key}"] = child
+    return node or None
+
+
+def _created_fields_v1(kind: KindInfo, obj: Obj, subresource: str) -> Obj:
+    """The FieldsV1 tree a create of ``obj`` gives its manager, in one pass over ``obj``:
+    ``fields_v1(_ownable(kind, subresource, diff_fieldset(kind, <zero>, <obj>).changed))``."""
+    zero: Mapping[str, Any] = (
+        {"metadata": {}, **_BUILTIN_ZERO.get(kind.kind, {})} if kind.builtin else {})
+    tree: Obj = {}
+    for key in sorted(obj):
+        if subresource == "status" and key != "status":
+            continue
+        if subresource == "" and kind.has_status and key == "status":
+            continue
+        value = obj[key]
+        node: Obj | None
+        if key == "metadata" and isinstance(value, dict):
+            node = {}
+            for name in sorted(value):
+                below = value[name]
+                child: Obj | None = (subtree_fields_v1(kind, below, (key, name))
+                                     if below and isinstance(below, dict | list) else {})
+                if name in _STRIPPED_META and child is not None:
+                    child = _unowned_node(child)
+                if child is not None:
+                    node[f"f:{name}"] = child
+            node = node or None
+        elif key in zero:
+            node = _zero_struct_fields(kind, zero[key], value, (key,))
+        else:
+            node = subtree_fields_v1(kind, value, (key,))
+        if node is not None and key in _STRIPPED_ROOT:
+            node = _unowned_node(node)
+        if node is not None:
+            tree[f"f:{key}"] = node
+    return tree
+
+
 # ---- update ----------------------------------------------------------------------------------
 
 
@@ -161,20 +236,53 @@ def update_managed_fields(kind: KindInfo, old: Obj | None, new: Obj, *, manager:
     meta = dict(new.get("metadata") or {}) if isinstance(new.get("metadata"), dict) else {}
     result = {**new, "metadata": meta}
     given = meta.pop("managedFields", None)
-    if isinstance(given, list) and given and not subresource:
-        entries = decode_entries(given)
+    replaced = isinstance(given, list) and bool(given) and not subresource
+    if old is None and not replaced:
+        # A create: the manager owns every (ownable) field; no other entries to update.
+        tree = _created_fields_v1(kind, result, subresource)
+        if tree:
+            meta["managedFields"] = [entry_json(manager, operation, kind.api_version, now,
+                                                tree, subresource)]
+        return result
+    if replaced:
+        drafts = decode_drafts(given)
     else:
-        entries = decode_managed_fields(old)
-    before = _with_zero(kind, _without_managed(old))
+        old_meta = old.get("metadata") if isinstance(old, dict) else None
+        drafts = decode_drafts(old_meta.get("managedFields")
+                               if isinstance(old_meta, dict) else None)
+    before = _with_zero(kind, _managed_view(old) if isinstance(old, dict) else {})
     diff = diff_fieldset(kind, before, _with_zero(kind, result))
     changed = _ownable(kind, subresource, diff.changed)
-    mine = ManagedEntry(manager, operation, kind.api_version, frozenset(), None, subresource)
-    managers = {e.identity: replace(e, fields=e.fields - changed - diff.removed)
-                for e in entries}
-    if changed:
-        previous = managers.get(mine.identity, mine)
-        managers[mine.identity] = replace(previous, fields=previous.fields | changed, time=now)
-    return store_managed_fields(result, managers.values())
+    gone = changed | diff.removed
+    key = identity_key(manager, operation, kind.api_version, subresource)
+    previous = drafts.get(key) if changed else None
+    kept = None
+    if previous is not None:
+        tree = previous.tree()
+        if (all(fields_v1_has(tree, path) for path in changed)
+                and not any(fields_v1_has(tree, path) for path in diff.removed)):
+            kept = previous  # the writer changed only fields it owns: its set stays as it is
+            previous.time = now
+    if gone:
+        # Other entries owning some of these fields lose them (their trees edited in place).
+        for draft in drafts.values():
+            if draft is kept:
+                continue
+            if draft is previous:
+                draft.fields = draft.current_fields() - gone
+                continue
+            tree = draft.tree()
+            lost = [path for path in gone if fields_v1_has(tree, path)]
+            if lost:
+                draft.drop(lost)
+    if changed and kept is None:
+        if previous is None:
+            drafts[key] = EntryDraft(manager, operation, kind.api_version, now, subresource,
+                                     [], changed)
+        else:
+            previous.fields = previous.current_fields() | changed
+            previous.time = now
+    return store_drafts(result, drafts.values())
 
 
 # ---- apply -----------------------------------------------------------------------------------
