@@ -131,3 +131,46 @@ def test_two_api_processes_share_the_store_and_watches(tmp_path: Path) -> None:
 def test_api_workers_must_be_positive(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError, match="--api-workers must be 1 or more"):
         PlatformProcess(tmp_path / "data", args=["--api-workers", "0"]).start()
+
+
+async def _refused_in_terminating_namespace(p: PlatformProcess, *, at_once: bool) -> None:
+    ns_url = "/api/v1/namespaces"
+    cm_url = "/api/v1/namespaces/doomed/configmaps"
+
+    def cm(name: str) -> dict[str, Any]:
+        return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": name}}
+
+    async with _session(p, fresh=True) as s:
+        async with s.post(ns_url, json={"apiVersion": "v1", "kind": "Namespace",
+                                        "metadata": {"name": "doomed"}}) as r:
+            assert r.status == 201
+        for i in range(8):  # the namespace is now known active (cached) on the processes
+            async with s.post(cm_url, json=cm(f"before-{i}")) as r:
+                assert r.status == 201
+        async with s.delete(f"{ns_url}/doomed") as r:  # no controller: stays Terminating
+            assert r.status == 200
+        deadline = time.monotonic() + DEADLINE
+        attempt = 0
+        while True:
+            attempt += 1
+            async with s.post(cm_url, json=cm(f"after-{attempt}")) as r:
+                body = await r.json()
+            if r.status == 403:
+                assert "because it is being terminated" in body["message"]
+                break
+            # Another API process may take a moment to see the deletion (as an informer).
+            assert not at_once, (r.status, body)
+            assert r.status == 201 and time.monotonic() < deadline, (r.status, body)
+            await asyncio.sleep(0.01)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_no_creates_in_a_terminating_namespace(tmp_path: Path, workers: int) -> None:
+    p = PlatformProcess(tmp_path / "data",
+                        args=["--api-workers", str(workers), "--no-controllers"]).start()
+    try:
+        if workers > 1:
+            _wait_worker(p)
+        asyncio.run(_refused_in_terminating_namespace(p, at_once=workers == 1))
+    finally:
+        p.stop()

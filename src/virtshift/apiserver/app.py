@@ -22,6 +22,7 @@ from virtshift.api.selectors import (
     parse_label_selector,
 )
 from virtshift.api.tables import build_table
+from virtshift.apiserver import meta as m
 from virtshift.apiserver import openapi, subresources
 from virtshift.apiserver.auth import TokenAuthenticator, UserInfo
 from virtshift.apiserver.discovery import AGGREGATED_V2, Discovery, version_info
@@ -36,6 +37,7 @@ from virtshift.apiserver.http import (
     read_body,
     wants_table,
 )
+from virtshift.apiserver.nscache import NamespaceCache
 from virtshift.apiserver.resources import (
     PATCH_APPLY_JSON,
     PATCH_APPLY_YAML,
@@ -116,7 +118,19 @@ class ApiServer:
             client_max_size=MAX_BODY + 1024,
         )
         app.router.add_route("*", "/{tail:.*}", self.dispatch)
+        app.on_startup.append(self._start_caches)
+        app.on_cleanup.append(self._stop_caches)
         return app
+
+    async def _start_caches(self, _: web.Application) -> None:
+        ns_kind = self.registry.require("", "v1", "Namespace")
+        self.resources.namespaces = NamespaceCache(self.store, m.store_key(ns_kind, None))
+        self.resources.namespaces.start()
+
+    async def _stop_caches(self, _: web.Application) -> None:
+        cache, self.resources.namespaces = self.resources.namespaces, None
+        if cache is not None:
+            await cache.stop()
 
     @web.middleware
     async def _errors_mw(self, request: web.Request,

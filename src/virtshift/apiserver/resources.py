@@ -25,6 +25,7 @@ from virtshift.api.selectors import FieldSelector, LabelSelector
 from virtshift.api.ssa import server_side_apply, update_managed_fields
 from virtshift.apiserver import meta as m
 from virtshift.apiserver.auth import UserInfo, is_component
+from virtshift.apiserver.nscache import NamespaceCache
 from virtshift.errors import (
     AdmissionDenied,
     AlreadyExists,
@@ -112,6 +113,8 @@ class Resources:
         # Held from the migration create admitter's in-flight check to the write, so that two
         # concurrent migrations of one VMI cannot both be admitted.
         self._migration_create = asyncio.Lock()
+        # Set by the API server while it serves (a watch keeps it current); None: read each time.
+        self.namespaces: NamespaceCache | None = None
 
     # ---- reading -----------------------------------------------------------------------------
 
@@ -265,6 +268,8 @@ class Resources:
     async def _check_namespace(self, kind: KindInfo, ns: str | None) -> None:
         if not kind.namespaced or ns is None:
             return
+        if self.namespaces is not None and self.namespaces.is_active(ns):
+            return
         ns_kind = self.registry.by_kind("", "v1", "Namespace")
         assert ns_kind is not None
         rec = await self.store.get(m.store_key(ns_kind, None, ns))
@@ -276,6 +281,8 @@ class Resources:
                 f"create new content in namespace {ns} because it is being terminated",
                 name=ns, kind="namespaces",
             )
+        if self.namespaces is not None:
+            self.namespaces.remember(ns, rec.revision)
 
     # ---- create --------------------------------------------------------------------------------
 

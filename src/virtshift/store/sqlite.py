@@ -452,29 +452,34 @@ class SqliteStore:
                 logger.exception("reading new events of %s failed", self.path)
 
     def _catch_up(self) -> None:
-        """Publish what other processes committed since the last published revision. Event loop
-        thread; revisions are committed in order, so the table has no gaps below its top."""
+        """Publish what other processes committed since the last published revision (only the
+        events some watcher here wants). Event loop thread; revisions are committed in order,
+        so the table has no gaps below its top."""
         if self._closing or self._reader is None:
             return
         conn = self._reader
         while True:
+            ranges = [_range_sql(prefix) for prefix in self._watchers]
             conn.execute("BEGIN")
             try:
                 top = _meta(conn, "revision")
                 compacted = _meta(conn, "compacted")
                 rows = []
-                if top > self._revision and compacted <= self._revision:
+                if ranges and top > self._revision and compacted <= self._revision:
                     rows = conn.execute(
                         "SELECT revision, type, key, value, prev_value, create_revision FROM"
-                        " events WHERE revision > ? ORDER BY revision LIMIT ?",
-                        (self._revision, _HISTORY_PAGE),
+                        " events WHERE revision > ? AND revision <= ? AND ("
+                        + " OR ".join(f"({cond})" for cond, _ in ranges)
+                        + ") ORDER BY revision LIMIT ?",
+                        [self._revision, top, *(p for _, ps in ranges for p in ps),
+                         _HISTORY_PAGE],
                     ).fetchall()
             finally:
                 conn.execute("COMMIT")
             self._compacted = max(self._compacted, compacted)
             if top <= self._revision:
                 return
-            if compacted > self._revision:
+            if ranges and compacted > self._revision:
                 # Fell behind past the history: end the watches (clients re-list) and skip on.
                 logger.warning("%s: events %d..%d were compacted before this process read "
                                "them; ending its watches", self.path, self._revision, compacted)
@@ -482,13 +487,12 @@ class SqliteStore:
                     for w in watchers:
                         w.end()
                 self._watchers.clear()
-                self._revision = top
-                return
             events = [_RawEvent(*row) for row in rows]
             self._publish(events)
-            self._revision = events[-1].revision
             if len(events) < _HISTORY_PAGE:
+                self._revision = top
                 return
+            self._revision = events[-1].revision
 
     # --- event loop side of the writer ----------------------------------------------------------
 
