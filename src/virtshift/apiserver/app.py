@@ -113,11 +113,10 @@ class ApiServer:
     # ---- application ---------------------------------------------------------------------------
 
     def app(self) -> web.Application:
-        app = web.Application(
-            middlewares=[self._errors_mw, self._auth_mw],
-            client_max_size=MAX_BODY + 1024,
-        )
-        app.router.add_route("*", "/{tail:.*}", self.dispatch)
+        app = web.Application(client_max_size=MAX_BODY + 1024)
+        # One handler does what middlewares would (errors, then authentication), without
+        # aiohttp's per-middleware wrappers on every request.
+        app.router.add_route("*", "/{tail:.*}", self._handle)
         app.on_startup.append(self._start_caches)
         app.on_cleanup.append(self._stop_caches)
         return app
@@ -132,12 +131,9 @@ class ApiServer:
         if cache is not None:
             await cache.stop()
 
-    @web.middleware
-    async def _errors_mw(self, request: web.Request,
-                         handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-                         ) -> web.StreamResponse:
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
         try:
-            return await handler(request)
+            return await self._authenticated(request)
         except ApiError as e:
             return self.error_response(e)
         except web.HTTPRequestEntityTooLarge:
@@ -158,12 +154,9 @@ class ApiServer:
             resp.headers["Retry-After"] = str(e.retry_after)
         return resp
 
-    @web.middleware
-    async def _auth_mw(self, request: web.Request,
-                       handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-                       ) -> web.StreamResponse:
+    async def _authenticated(self, request: web.Request) -> web.StreamResponse:
         if request.path in OPEN_PATHS:
-            return await handler(request)
+            return await self.dispatch(request)
         if self.bootstrap is not None and request.path.startswith(bootstrap.PREFIX):
             return await self.bootstrap(request)
         if self.upload_proxy is not None and request.path.startswith(("/v1beta1/upload",
@@ -175,7 +168,7 @@ class ApiServer:
         if user is None:
             raise Unauthorized("Unauthorized")
         request[USER_KEY] = user
-        return await handler(request)
+        return await self.dispatch(request)
 
     @staticmethod
     def user(request: web.Request) -> UserInfo:
