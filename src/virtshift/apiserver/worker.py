@@ -19,6 +19,7 @@ from pathlib import Path
 
 from aiohttp import web
 
+from virtshift.apiserver.app import ApiServer
 from virtshift.apiserver.auth import TokenAuthenticator
 from virtshift.apiserver.pki import load_pki
 from virtshift.apiserver.server import (
@@ -63,6 +64,7 @@ async def serve_worker(data_dir: Path, listening: list[str], store_url: str | No
     store = open_store(store_url, data_dir, worker=True)
     await store.start()
     runner: web.AppRunner | None = None
+    server: ApiServer | None = None
     try:
         server, _ = assemble(data_dir, store, pki, auth, component_token)
         host, port = parse_listen(listening[0])
@@ -89,7 +91,7 @@ async def serve_worker(data_dir: Path, listening: list[str], store_url: str | No
     finally:
         if runner is not None:
             await runner.cleanup()
-        if "server" in locals() and server.vmi_proxy is not None:
+        if server is not None and server.vmi_proxy is not None:
             await server.vmi_proxy.close()
         await store.close()
 
