@@ -123,12 +123,22 @@ def _validate_qualified_key(key: str, path: str) -> list[FieldError]:
     return errs
 
 
+# A qualified key of at most 63 characters that _validate_qualified_key accepts (a shortcut:
+# keys it does not match take the full check).
+_QUALIFIED_KEY = re.compile(
+    r"(?:[a-z0-9](?:[-a-z0-9]*[a-z0-9])?(?:\.[a-z0-9](?:[-a-z0-9]*[a-z0-9])?)*/)?"
+    r"(?:[A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]"
+)
+
+
 def validate_metadata(kind: KindInfo, meta: Obj) -> list[FieldError]:
     errs: list[FieldError] = []
     labels = meta.get("labels") or {}
     if isinstance(labels, dict):
         for k, v in labels.items():
-            errs += _validate_qualified_key(str(k), "metadata.labels")
+            key = str(k)
+            if len(key) > 63 or _QUALIFIED_KEY.fullmatch(key) is None:
+                errs += _validate_qualified_key(key, "metadata.labels")
             if not isinstance(v, str) or len(v) > 63 or not LABEL_VALUE.match(v):
                 errs.append(FieldError(
                     "FieldValueInvalid", "metadata.labels",
@@ -138,7 +148,9 @@ def validate_metadata(kind: KindInfo, meta: Obj) -> list[FieldError]:
     annotations = meta.get("annotations") or {}
     if isinstance(annotations, dict):
         for k in annotations:
-            errs += _validate_qualified_key(str(k), "metadata.annotations")
+            key = str(k)
+            if len(key) > 63 or _QUALIFIED_KEY.fullmatch(key) is None:
+                errs += _validate_qualified_key(key, "metadata.annotations")
         total = sum(len(str(k)) + len(str(v)) for k, v in annotations.items())
         if total > 256 * 1024:
             errs.append(FieldError("FieldValueTooLong", "metadata.annotations",

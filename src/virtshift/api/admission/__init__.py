@@ -34,10 +34,6 @@ def _default_vmi(obj: Obj, update: bool, cfg: AdmissionConfig) -> None:
         vmi_defaults.default_vmi(obj, cfg)
 
 
-def _default_vm(obj: Obj, update: bool, cfg: AdmissionConfig) -> None:
-    vm.default_vm(obj, cfg)
-
-
 def _default_migration(obj: Obj, update: bool, cfg: AdmissionConfig) -> None:
     if not update:
         migration.default_migration(obj, cfg)
@@ -82,7 +78,6 @@ def _default_dv(obj: Obj, update: bool, cfg: AdmissionConfig) -> None:
 _DEFAULTERS: dict[tuple[str, str], _Defaulter] = {
     (CDI, "DataVolume"): _default_dv,
     (KUBEVIRT, "VirtualMachineInstance"): _default_vmi,
-    (KUBEVIRT, "VirtualMachine"): _default_vm,
     (KUBEVIRT, "VirtualMachineInstanceMigration"): _default_migration,
 }
 
@@ -104,10 +99,14 @@ def default(
     config: AdmissionConfig = DEFAULT_CONFIG,
 ) -> Obj:
     """A deep copy of ``obj`` with the mutating webhook's defaults applied (``obj`` itself when
-    the kind has no defaults).
+    the kind has no defaults). For VirtualMachines, only the parts the defaults change are
+    copied: the result shares the rest with ``obj``, so neither may be changed in place.
 
     Pass ``old`` on update: the VMI and migration mutators only act on create.
     """
+    if kind.group == KUBEVIRT and kind.kind == "VirtualMachine":
+        # Copies only what the VM mutator changes; the rest is shared with ``obj``.
+        return vm.defaulted_copy(obj, config)
     defaulter = _DEFAULTERS.get((kind.group, kind.kind))
     if defaulter is None:
         return obj  # nothing to default: no copy needed

@@ -93,8 +93,16 @@ def as_list(value: Any) -> list[Any]:
 
 
 def dicts(value: Any) -> list[Obj]:
-    """The list items of ``value``; non-mapping items read as empty mappings."""
-    if not isinstance(value, list):
+    """The list items of ``value``; non-mapping items read as empty mappings.
+
+    A plain list of plain dicts is returned as it is (callers only read the list)."""
+    if type(value) is list:
+        for v in value:
+            if type(v) is not dict:
+                break
+        else:
+            return value
+    elif not isinstance(value, list):
         return []
     return [v if isinstance(v, dict) else {} for v in value]
 

@@ -298,8 +298,9 @@ def validate_machine(field: Path, spec: Obj, cfg: AdmissionConfig) -> list[Field
     machine_type = as_str(as_dict(as_dict(spec.get("domain")).get("machine")).get("type"))
     if not machine_type:
         return []
-    if any(p.search(machine_type) for p in _machine_patterns(cfg.emulated_machines)):
-        return []
+    for pattern in _machine_patterns(cfg.emulated_machines):
+        if pattern.search(machine_type):
+            return []
     at = field.child("domain", "machine", "type")
     return [cause(
         INVALID, at,

@@ -65,10 +65,47 @@ def validate_creation(field: Path, spec: Obj) -> list[FieldError]:
     return errs
 
 
+_PLAIN_NETWORK_KEYS = frozenset({"name", "pod"})
+_PLAIN_IFACE_KEYS = frozenset({"name", "masquerade", "bridge"})
+
+
+def _plainly_valid(networks: list[Obj], ifaces: list[Obj], cfg: AdmissionConfig) -> bool:
+    """Whether :func:`validate` finds nothing, decided for the common shape only: pod networks
+    (at most one) and interfaces with just a name and a masquerade or bridge binding, paired
+    one to one by valid names. False means "not decided" (the full checks run)."""
+    names: set[str] = set()
+    pods = 0
+    for net in networks:
+        if not _PLAIN_NETWORK_KEYS.issuperset(net):
+            return False
+        name = net.get("name")
+        if type(name) is not str or name in names or net.get("pod") is None:
+            return False
+        names.add(name)
+        pods += 1
+    if pods > 1 or len(ifaces) != len(names):
+        return False
+    seen: set[str] = set()
+    for iface in ifaces:
+        if not _PLAIN_IFACE_KEYS.issuperset(iface):
+            return False
+        name = iface.get("name")
+        if type(name) is not str or name not in names or name in seen:
+            return False
+        seen.add(name)
+        if not _IFACE_NAME.match(name):
+            return False
+        if iface.get("bridge") is not None and not cfg.bridge_on_pod_network:
+            return False
+    return True
+
+
 def validate(field: Path, spec: Obj, cfg: AdmissionConfig) -> list[FieldError]:
     """``Validator.Validate`` of ``pkg/network/admitter``."""
     networks = dicts(spec.get("networks"))
     ifaces = dicts(as_dict(as_dict(spec.get("domain")).get("devices")).get("interfaces"))
+    if _plainly_valid(networks, ifaces, cfg):
+        return []
     ifaces_at = field.child("domain", "devices", "interfaces")
     nets_at = field.child("networks")
     net_names = [as_str(n.get("name")) for n in networks]
@@ -77,15 +114,31 @@ def validate(field: Path, spec: Obj, cfg: AdmissionConfig) -> list[FieldError]:
     iface_names = set(iface_name_list)
     errs: list[FieldError] = []
 
-    # validateSinglePodNetwork
+    # validateSinglePodNetwork, with what validateSingleNetworkSource and
+    # validateMultusNetworkSource report gathered in the same pass.
     pods = 0
     multus_defaults = 0
-    for n in networks:
-        if n.get("pod") is not None:
-            pods += 1
+    source_errs: list[FieldError] = []
+    unnamed_multus = -1
+    for idx, n in enumerate(networks):
+        has_pod = n.get("pod") is not None
         multus = n.get("multus")
-        if isinstance(multus, dict) and multus.get("default") is True:
-            multus_defaults += 1
+        if has_pod:
+            pods += 1
+        if isinstance(multus, dict):
+            if multus.get("default") is True:
+                multus_defaults += 1
+            if unnamed_multus < 0 and not as_str(multus.get("networkName")):
+                unnamed_multus = idx
+        if multus is None:
+            if not has_pod:
+                source_errs.append(cause(
+                    REQUIRED, nets_at.index(idx), "should have a network type"
+                ))
+        elif has_pod:
+            source_errs.append(cause(
+                REQUIRED, nets_at.index(idx), "should have only one network type"
+            ))
     if pods > 1:
         errs.append(cause(
             DUPLICATE, field.child("interfaces"),
@@ -98,20 +151,13 @@ def validate(field: Path, spec: Obj, cfg: AdmissionConfig) -> list[FieldError]:
             INVALID, nets_at, "Pod network cannot be defined when Multus default network is defined"
         ))
     # validateSingleNetworkSource
-    for idx, net in enumerate(networks):
-        has_pod, has_multus = net.get("pod") is not None, net.get("multus") is not None
-        if not has_pod and not has_multus:
-            errs.append(cause(REQUIRED, nets_at.index(idx), "should have a network type"))
-        elif has_pod and has_multus:
-            errs.append(cause(REQUIRED, nets_at.index(idx), "should have only one network type"))
+    errs.extend(source_errs)
     # validateMultusNetworkSource: the first multus network without a networkName.
-    for idx, net in enumerate(networks):
-        multus = net.get("multus")
-        if isinstance(multus, dict) and not as_str(multus.get("networkName")):
-            errs.append(cause(
-                REQUIRED, nets_at.index(idx), "CNI delegating plugin must have a networkName"
-            ))
-            break
+    if unnamed_multus >= 0:
+        errs.append(cause(
+            REQUIRED, nets_at.index(unnamed_multus),
+            "CNI delegating plugin must have a networkName",
+        ))
     errs.extend(_validate_states(ifaces_at, ifaces, networks))
     errs.extend(_validate_bindings(ifaces_at, ifaces, by_name, cfg))
     # validateNetworkNameUnique
@@ -155,6 +201,8 @@ def _validate_states(
 ) -> list[FieldError]:
     """``validateInterfaceStateValue``."""
     errs: list[FieldError] = []
+    if not any(as_str(iface.get("state")) for iface in ifaces):
+        return errs  # every check below needs a state
     default_net = next(
         (n for n in networks
          if is_set(n, "pod") or as_dict(n.get("multus")).get("default") is True),
@@ -193,22 +241,22 @@ def _validate_bindings(
     """``validateInterfaceBinding`` (binding plugin vs method, masquerade, bridge)."""
     errs: list[FieldError] = []
     for idx, iface in enumerate(ifaces):
-        at = ifaces_at.index(idx)
         name = as_str(iface.get("name"))
         net = by_name.get(name, {})
         if is_set(iface, "binding") and any(is_set(iface, m) for m in BINDING_METHODS):
             errs.append(cause(
-                INVALID, at.child("binding"),
+                INVALID, ifaces_at.index(idx).child("binding"),
                 f"logical {name} interface cannot have both binding plugin and interface "
                 "binding method",
             ))
         if is_set(iface, "masquerade") and not is_set(net, "pod"):
             errs.append(cause(
-                INVALID, at.child("name"), "Masquerade interface only implemented with pod network"
+                INVALID, ifaces_at.index(idx).child("name"),
+                "Masquerade interface only implemented with pod network",
             ))
         if is_set(iface, "bridge") and is_set(net, "pod") and not cfg.bridge_on_pod_network:
             errs.append(cause(
-                INVALID, at.child("name"),
+                INVALID, ifaces_at.index(idx).child("name"),
                 "Bridge on pod network configuration is not enabled under kubevirt-config",
             ))
     return errs

@@ -49,6 +49,11 @@ _VOLUME_SOURCE_SET = frozenset(VOLUME_SOURCES)
 # A disk with no other keys than these has none of the optional settings validate_disks checks.
 _PLAIN_DISK_KEYS = frozenset({"name", *DISK_TARGETS})
 _NAME_NOT_FOUND = "{} '{}' not found."
+# A volume with no other keys than these has nothing validate_volumes checks beyond its name
+# and its number of sources.
+_PLAIN_VOLUME_KEYS = frozenset(
+    {"name", "containerDisk", "persistentVolumeClaim", "emptyDisk", "ephemeral"}
+)
 
 
 def _disk_target(disk: Obj) -> tuple[str, Obj]:
@@ -146,10 +151,10 @@ def validate_disks(field: Path, disks: list[Obj]) -> list[FieldError]:
 def _validate_bus(
     field: Path, idx: int, disk: Obj, target_type: str, bus: str
 ) -> list[FieldError]:
-    at = field.index(idx)
     errs: list[FieldError] = []
-    if not bus:
-        return errs
+    if not bus or (bus == "virtio" and target_type != "cdrom"):
+        return errs  # nothing below applies
+    at = field.index(idx)
     if bus == "ide":
         errs.append(cause(INVALID, at.child(target_type, "bus"), "IDE bus is not supported"))
     elif bus == "virtio":
@@ -253,10 +258,12 @@ def validate_container_disks(field: Path, spec: Obj) -> list[FieldError]:
         disk = volume.get("containerDisk")
         if not isinstance(disk, dict):
             continue
+        image, path = as_str(disk.get("image")), as_str(disk.get("path"))
+        if image and not path:
+            continue  # nothing to report
         at = field.child("volumes").index(idx).child("containerDisk")
-        if not as_str(disk.get("image")):
+        if not image:
             errs.append(cause(REQUIRED, at.child("image"), ""))
-        path = as_str(disk.get("path"))
         if path:
             errs.extend(validate_path(at, path))
     return errs
@@ -436,6 +443,8 @@ def validate_volumes(field: Path, volumes: list[Obj], cfg: AdmissionConfig) -> l
                 singletons[s] += 1
         if len(sources) != 1:
             errs.append(cause(INVALID, at, f"{at} must have exactly one source type set"))
+        if _PLAIN_VOLUME_KEYS.issuperset(volume):
+            continue
         data_volume = volume.get("dataVolume")
         if isinstance(data_volume, dict) and not as_str(data_volume.get("name")):
             errs.append(cause(REQUIRED, at.child("name"), "DataVolume 'name' must be set"))

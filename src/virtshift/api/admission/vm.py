@@ -31,7 +31,6 @@ from virtshift.api.admission._util import (
 from virtshift.api.admission.cdi import SOURCES as DV_SOURCES
 from virtshift.api.admission.cdi import present
 from virtshift.api.admission.config import AdmissionConfig
-from virtshift.api.jsonvalue import clone
 from virtshift.errors import FieldError
 
 RUN_STRATEGIES = ("Halted", "Manual", "Always", "RerunOnFailure", "Once")
@@ -60,6 +59,29 @@ def default_vm(obj: Obj, cfg: AdmissionConfig) -> None:
     machine = ensure_dict(ensure_dict(tspec, "domain"), "machine")
     if not as_str(machine.get("type")):
         machine["type"] = cfg.machine_type
+
+
+def _own(parent: Obj | None, key: str) -> Obj | None:
+    """Replace ``parent[key]`` by a shallow copy when it is a mapping, and return the copy."""
+    value = parent.get(key) if parent is not None else None
+    if not isinstance(value, dict):
+        return None
+    copied: Obj = dict(value)
+    parent[key] = copied  # type: ignore[index]
+    return copied
+
+
+def defaulted_copy(obj: Obj, cfg: AdmissionConfig) -> Obj:
+    """:func:`default_vm` applied to a copy of ``obj``: only the mappings the defaulting
+    writes into (the object, its spec, the instancetype and preference matchers, the template,
+    its spec, domain and machine) are copied; everything else is shared with ``obj``."""
+    out = dict(obj)
+    spec = _own(out, "spec")
+    _own(spec, "instancetype")
+    _own(spec, "preference")
+    _own(_own(_own(_own(spec, "template"), "spec"), "domain"), "machine")
+    default_vm(out, cfg)
+    return out
 
 
 def _validate_matchers(spec: Obj, old_spec: Obj | None) -> list[FieldError]:
@@ -121,14 +143,14 @@ def validate(
     template = spec.get("template")
     if not isinstance(template, dict):
         return [cause(REQUIRED, Path("spec", "template"), "missing virtual machine template.")]
-    # Only the template's spec is defaulted: the rest of the copy can share the original's
-    # values (nothing below writes to them).
+    # Only the template's spec is defaulted, and only the mappings and lists the defaulting
+    # writes into are copied: the rest of the copy shares the original's values (nothing below
+    # writes to them).
     checked = dict(spec)
     checked_template = dict(template)
     checked["template"] = checked_template
-    tspec = clone(template.get("spec"))
-    if not isinstance(tspec, dict):
-        tspec = {}
+    original = template.get("spec")
+    tspec = defaultable_copy(original) if isinstance(original, dict) else {}
     checked_template["spec"] = tspec
     vmi_defaults.default_spec(tspec, cfg)
     if old is None:
@@ -152,6 +174,30 @@ def validate(
     if errs:
         return errs
     return _validate_in_progress(obj, old)
+
+
+def defaultable_copy(spec: Obj) -> Obj:
+    """A copy of a VMI spec that :func:`vmi_defaults.default_spec` may change without
+    changing ``spec``: the spec and every mapping or list the defaulting writes into (domain,
+    its machine, memory, cpu, devices, resources and requests, the volumes and their
+    containerDisks) are copied; all else is shared with ``spec``."""
+    out = dict(spec)
+    domain = _own(out, "domain")
+    for key in ("machine", "memory", "cpu", "devices"):
+        _own(domain, key)
+    _own(_own(domain, "resources"), "requests")
+    volumes = out.get("volumes")
+    if isinstance(volumes, list):
+        copied: list[object] = []
+        for volume in volumes:
+            if isinstance(volume, dict):
+                volume = dict(volume)
+                disk = volume.get("containerDisk")
+                if isinstance(disk, dict):
+                    volume["containerDisk"] = dict(disk)
+            copied.append(volume)
+        out["volumes"] = copied
+    return out
 
 
 def _validate_run_strategy(field: Path, spec: Obj, cfg: AdmissionConfig) -> list[FieldError]:
@@ -264,6 +310,8 @@ def _validate_data_volume(at: Path, template: Obj) -> list[FieldError]:
 def _validate_dv_namespaces(obj: Obj, old: Obj | None) -> list[FieldError]:
     """``validateVirtualMachineDataVolumeTemplateNamespace``."""
     templates = dicts(as_dict(obj.get("spec")).get("dataVolumeTemplates"))
+    if not templates:
+        return []
     if old is not None and as_dict(old.get("spec")).get("dataVolumeTemplates") == as_dict(
         obj.get("spec")
     ).get("dataVolumeTemplates"):

@@ -344,7 +344,7 @@ def validate_metadata(
     """``ValidateVirtualMachineInstanceMetadata``: reserved labels and gated annotations."""
     errs: list[FieldError] = []
     labels = as_dict(metadata.get("labels"))
-    if not internal and labels and any(label in labels for label in RESTRICTED_LABELS):
+    if not internal and labels and not labels.keys().isdisjoint(RESTRICTED_LABELS):
         errs.append(cause(
             NOT_SUPPORTED, field.child("labels"),
             "creation of the following reserved kubevirt.io/ labels on a VMI object is "

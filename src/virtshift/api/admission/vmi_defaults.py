@@ -85,11 +85,12 @@ def _default_resource_requests(domain: Obj, cfg: AdmissionConfig) -> None:
         ensure_dict(resources, "requests")[key] = value
 
     # A CPU or memory limit without a request copies the limit into the request.
-    if _nonzero(limits, "cpu") and not _nonzero(requests, "cpu"):
-        put("cpu", limits["cpu"])
-    if _nonzero(limits, "memory") and not _nonzero(requests, "memory"):
-        put("memory", limits["memory"])
-    requests = as_dict(resources.get("requests"))
+    if limits:
+        if _nonzero(limits, "cpu") and not _nonzero(requests, "cpu"):
+            put("cpu", limits["cpu"])
+        if _nonzero(limits, "memory") and not _nonzero(requests, "memory"):
+            put("memory", limits["memory"])
+        requests = as_dict(resources.get("requests"))
     # No memory request: use domain.memory.guest, else the hugepage size (with overcommit).
     if "memory" not in requests:
         memory = as_dict(domain.get("memory"))
@@ -138,7 +139,7 @@ def default_cpu_topology(domain: Obj) -> None:
     """``SetDefaultGuestCPUTopology``: with no topology, one core and thread per socket and
     as many sockets as the CPU limit (else request) asks for, rounded up; 1 by default."""
     cpu = as_dict(domain.get("cpu"))
-    if any(cpu.get(k) for k in ("cores", "sockets", "threads")):
+    if cpu.get("cores") or cpu.get("sockets") or cpu.get("threads"):
         return
     cpu = ensure_dict(domain, "cpu")
     resources = as_dict(domain.get("resources"))
