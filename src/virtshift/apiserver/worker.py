@@ -68,6 +68,8 @@ async def serve_worker(data_dir: Path, listening: list[str], store_url: str | No
     try:
         server, _ = assemble(data_dir, store, pki, auth, component_token)
         host, port = parse_listen(listening[0])
+        if host in ("0.0.0.0", "::"):  # as the first process reports a wildcard address
+            host = "127.0.0.1"
         server.server_address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         runner = web.AppRunner(server.app(), access_log=None, handle_signals=False,
                                shutdown_timeout=1.0)
