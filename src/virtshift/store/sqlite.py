@@ -218,10 +218,7 @@ class SqliteStore:
             self._thread.join(timeout=5)
             if self._thread.is_alive():
                 logger.error("sqlite writer thread for %s did not exit", self.path)
-        for watchers in self._watchers.values():
-            for w in watchers:
-                w.end()
-        self._watchers.clear()
+        self._end_watches()
         self._close_connections()
         self._release_lock()
         if self._wlock_fd is not None:
@@ -437,19 +434,26 @@ class SqliteStore:
     def _on_notify(self) -> None:
         assert self._notifier is not None
         self._notifier.drain()
-        try:
-            self._catch_up()
-        except sqlite3.Error:
-            logger.exception("reading new events of %s failed", self.path)
+        self._catch_up_logged()
 
     async def _poll_loop(self) -> None:
         """A slow poll, in case a wake-up was lost (a process that started meanwhile)."""
         while True:
             await asyncio.sleep(self.poll_interval)
-            try:
-                self._catch_up()
-            except sqlite3.Error:
-                logger.exception("reading new events of %s failed", self.path)
+            self._catch_up_logged()
+
+    def _catch_up_logged(self) -> None:
+        try:
+            self._catch_up()
+        except sqlite3.Error:
+            logger.exception("reading new events of %s failed", self.path)
+
+    def _end_watches(self) -> None:
+        """End every watch of this store (its clients re-list and watch again)."""
+        for watchers in self._watchers.values():
+            for w in watchers:
+                w.end()
+        self._watchers.clear()
 
     def _catch_up(self) -> None:
         """Publish what other processes committed since the last published revision (only the
@@ -483,10 +487,7 @@ class SqliteStore:
                 # Fell behind past the history: end the watches (clients re-list) and skip on.
                 logger.warning("%s: events %d..%d were compacted before this process read "
                                "them; ending its watches", self.path, self._revision, compacted)
-                for watchers in self._watchers.values():
-                    for w in watchers:
-                        w.end()
-                self._watchers.clear()
+                self._end_watches()
             events = [_RawEvent(*row) for row in rows]
             self._publish(events)
             if len(events) < _HISTORY_PAGE:
