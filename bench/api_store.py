@@ -155,33 +155,6 @@ class Api:
             if not cont:
                 return names
 
-    async def creates(self, n: int, concurrency: int) -> float:
-        sem = asyncio.Semaphore(concurrency)
-
-        async def one(i: int) -> None:
-            async with sem, self.session.post(NS_URL, json=_api_object(i)) as r:
-                if r.status != 201:
-                    raise RuntimeError(f"create failed: {r.status} {await r.text()}")
-                await r.read()
-
-        t0 = time.perf_counter()
-        await asyncio.gather(*(one(i) for i in range(n)))
-        return n / (time.perf_counter() - t0)
-
-    async def gets(self, n: int, total: int, concurrency: int) -> float:
-        sem = asyncio.Semaphore(concurrency)
-
-        async def one() -> None:
-            name = f"vm-{random.randrange(total):07d}"
-            async with sem, self.session.get(f"{NS_URL}/{name}") as r:
-                if r.status != 200:
-                    raise RuntimeError(f"get failed: {r.status}")
-                await r.json()
-
-        t0 = time.perf_counter()
-        await asyncio.gather(*(one() for _ in range(n)))
-        return n / (time.perf_counter() - t0)
-
     async def list_time(self, count: int) -> float:
         t0 = time.perf_counter()
         async with self.session.get(NS_URL, params={"limit": str(count)}) as r:
