@@ -8,6 +8,7 @@ STAMP := $(VENV)/.installed
 
 setup: $(STAMP)
 	@scripts/setup-system.sh
+	@$(PY) scripts/build-native.py
 	@scripts/build-guest.sh
 
 $(STAMP): pyproject.toml

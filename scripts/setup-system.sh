@@ -14,6 +14,8 @@ packages=(
   util-linux xfsprogs curl
   # bench/api_store.py's HTTP load generator
   wrk
+  # scripts/build-native.py: mypyc compiles the API server's hot modules to C extensions
+  gcc python3-dev
 )
 missing=()
 for p in "${packages[@]}"; do

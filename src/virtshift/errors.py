@@ -52,6 +52,21 @@ class FieldError:
         return {"reason": self.type, "message": self.text(), "field": self.field}
 
 
+@dataclass(frozen=True)
+class PlainCause(FieldError):
+    """A status cause that is not a validation error: its message is shown as it is (no
+    "Invalid value" prefix), e.g. a server-side apply conflict."""
+
+    def text(self) -> str:
+        return self.message
+
+    def cause(self) -> dict[str, str]:
+        out = {"reason": self.type, "message": self.message}
+        if self.field:
+            out["field"] = self.field
+        return out
+
+
 class ApiError(VirtshiftError):
     """An error with a Kubernetes ``Status`` representation."""
 

@@ -24,6 +24,7 @@ import json
 import os
 import re
 from collections.abc import Iterable, Mapping
+from importlib import resources
 from pathlib import Path
 from typing import Any, Final
 
@@ -45,7 +46,8 @@ SOURCE_FILES: Final[Mapping[str, str]] = {
     KUBEVIRT_SCHEMA_SOURCE: "kubevirt-swagger.json",
     CDI_SCHEMA_SOURCE: "cdi-swagger.json",
 }
-CORE_SCHEMA_FILE: Final = Path(__file__).resolve().parent / "schemas" / "core.json"
+# Located through the package, not __file__: a compiled build of this module lives elsewhere.
+CORE_SCHEMA_FILE: Final = Path(str(resources.files("virtshift.api"))) / "schemas" / "core.json"
 FIELD_VALIDATION_DIRECTIVES: Final = ("Ignore", "Warn", "Strict")
 
 # Names the definitions of each source get in published documents; sources do not share a
@@ -87,7 +89,7 @@ def find_openapi_dir() -> Path:
     if env:
         candidates.append(Path(env))
     else:
-        package = Path(__file__).resolve().parent.parent  # src/virtshift
+        package = Path(str(resources.files("virtshift"))).resolve()  # src/virtshift
         candidates.append(package.parent.parent.parent / "shared" / "reference" / "openapi")
     for c in candidates:
         if all((c / f).is_file() for f in SOURCE_FILES.values()):
@@ -162,13 +164,19 @@ class _Node:
         self.int_max = 0
 
     def copy_from(self, other: _Node) -> None:
-        for slot in _COPIED_SLOTS:
-            setattr(self, slot, getattr(other, slot))
-
-
-_COPIED_SLOTS: Final = tuple(
-    s for s in _Node.__slots__ if s not in ("plain", "int_min", "int_max")
-)
+        """Take ``other``'s schema (not what _finish derives from it: plain, int_min/max)."""
+        self.kind = other.kind
+        self.nullable = other.nullable
+        self.types = other.types
+        self.fmt = other.fmt
+        self.enum = other.enum
+        self.pattern = other.pattern
+        self.pattern_text = other.pattern_text
+        self.props = other.props
+        self.required = other.required
+        self.additional = other.additional
+        self.items = other.items
+        self.preserve = other.preserve
 
 
 def _plain_types(node: _Node) -> frozenset[type]:
@@ -299,6 +307,7 @@ def _check(node: _Node, value: Any, path: str, ctx: _Ctx) -> Any:
             return clone_py(value)
         plain = items.plain
         result: list[Any] = []
+        item: Any  # (declared: mypyc would infer None from the null check below)
         for i, item in enumerate(value):
             if type(item) in plain:
                 result.append(item)

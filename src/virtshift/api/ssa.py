@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any, Final
 
 from virtshift.api.gojson import json_equal
@@ -60,7 +60,7 @@ from virtshift.api.managedfields import (
     store_managed_fields,
     subtree_fields_v1,
 )
-from virtshift.errors import BadRequest, Conflict, FieldError
+from virtshift.errors import BadRequest, Conflict, FieldError, PlainCause
 
 __all__ = [
     "FieldDiff",
@@ -427,24 +427,10 @@ def _keep_reset_fields(kind: KindInfo, subresource: str, live: Obj, merged: Obj)
     return merged
 
 
-@dataclass(frozen=True)
-class _Cause(FieldError):
-    """A status cause that is not a validation error (no "Invalid value" prefix)."""
-
-    def text(self) -> str:
-        return self.message
-
-    def cause(self) -> dict[str, str]:
-        out = {"reason": self.type, "message": self.message}
-        if self.field:
-            out["field"] = self.field
-        return out
-
-
 def _conflict_error(conflicts: list[tuple[ManagedEntry, Path]]) -> Conflict:
     ordered = sorted(conflicts, key=lambda c: (c[0].identity, path_sort_key(c[1])))
     causes: list[FieldError] = [
-        _Cause(CONFLICT_CAUSE, path_string(path), f"conflict with {entry.describe()}")
+        PlainCause(CONFLICT_CAUSE, path_string(path), f"conflict with {entry.describe()}")
         for entry, path in ordered]
     if len(ordered) == 1:
         entry, path = ordered[0]

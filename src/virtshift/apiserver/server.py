@@ -13,6 +13,7 @@ from pathlib import Path
 
 from aiohttp import web
 
+from virtshift import native
 from virtshift.api.bootstrap import ca_cert_hash
 from virtshift.api.kinds import REGISTRY, Registry
 from virtshift.api.schema import SchemaSet, default_schemas
@@ -258,7 +259,8 @@ async def start_api_server(
     kubeconfig.write(data_dir / COMPONENTS_KUBECONFIG,
                      kubeconfig.render(url, pki.ca_pem(), component_token))
     kubeconfig.write(cfg_path, kubeconfig.render(url, pki.ca_pem(), token))
-    log.info("API server listening on %s; kubeconfig at %s", url, cfg_path)
+    log.info("API server listening on %s; kubeconfig at %s; hot modules: %s", url, cfg_path,
+             native.state)
     return RunningApiServer(runner, store, server, url, cfg_path, pki, join_token, node_url,
                             tuple(listening))
 
