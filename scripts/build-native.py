@@ -15,6 +15,7 @@ import os
 import shutil
 import sys
 import time
+import warnings
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -78,6 +79,7 @@ def build(lib: Path, tmp: Path) -> dict[str, str]:
     os.chdir(ROOT)  # mypy reads its settings from pyproject.toml
     extensions = mypycify(paths, opt_level="3", debug_level="0", group_name=native.GROUP,
                           target_dir=str(tmp / "c"))
+    warnings.filterwarnings("ignore", module="setuptools")  # its notes on our pyproject.toml
     setup(name="virtshift-native", ext_modules=extensions, py_modules=[], packages=[],
           script_args=["-q", "build_ext", "--build-lib", str(lib), "--build-temp",
                        str(tmp / "obj")])

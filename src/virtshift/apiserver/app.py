@@ -193,7 +193,7 @@ class ApiServer:
             if len(segs) == 1:
                 return self.serve_discovery(request, core=True)
             if segs[1] != "v1":
-                raise NotFound("the server could not find the requested resource")
+                raise _unknown_resource()
             if len(segs) == 2:
                 return self.serve_resource_list("", "v1")
             return await self.serve_resource(request, "", "v1", segs[2:])
@@ -205,7 +205,7 @@ class ApiServer:
             if len(segs) == 2:
                 group_doc = self.discovery.api_group(segs[1])
                 if group_doc is None:
-                    raise NotFound("the server could not find the requested resource")
+                    raise _unknown_resource()
                 return json_response(group_doc)
             if len(segs) == 3:
                 return self.serve_resource_list(segs[1], segs[2])
@@ -218,7 +218,7 @@ class ApiServer:
             if review is not None:
                 return await review(self.user(request), self.resources)
             return await self.serve_resource(request, segs[1], segs[2], segs[3:])
-        raise NotFound("the server could not find the requested resource")
+        raise _unknown_resource()
 
     async def serve_kubevirt_subresource(self, request: web.Request,
                                          segs: list[str]) -> web.StreamResponse:
@@ -230,20 +230,20 @@ class ApiServer:
         if len(segs) == 1:
             doc = subresources.resource_list(version)
             if doc is None:
-                raise NotFound("the server could not find the requested resource")
+                raise _unknown_resource()
             return json_response(doc)
         rest = segs[1:]
         if (version not in subresources.VERSIONS or len(rest) < 5 or rest[0] != "namespaces"
                 or rest[2] not in ("virtualmachines", "virtualmachineinstances")):
-            raise NotFound("the server could not find the requested resource")
+            raise _unknown_resource()
         ns, resource, name, sub = rest[1], rest[2], rest[3], rest[4]
         user = self.user(request)
         if resource == "virtualmachineinstances" and is_vmi_subresource(sub):
             if self.vmi_proxy is None:
-                raise NotFound("the server could not find the requested resource")
+                raise _unknown_resource()
             return await self.vmi_proxy.handle(request, user, ns, name, sub, rest[5:])
         if len(rest) != 5:
-            raise NotFound("the server could not find the requested resource")
+            raise _unknown_resource()
         code, body = await subresources.handle_subresource(
             self.resources, self.registry, request.method, ns, resource, name, sub,
             await request.read(), user)
@@ -263,7 +263,7 @@ class ApiServer:
     def serve_resource_list(self, group: str, version: str) -> web.Response:
         doc = self.discovery.resource_list(group, version)
         if doc is None:
-            raise NotFound("the server could not find the requested resource")
+            raise _unknown_resource()
         return json_response(doc)
 
     def serve_openapi(self, request: web.Request, path: str) -> web.Response:
@@ -289,17 +289,16 @@ class ApiServer:
         elif parts[0] == "apis" and len(parts) == 3:
             gv = (parts[1], parts[2])
         else:
-            raise NotFound("the server could not find the requested resource")
+            raise _unknown_resource()
         if gv not in self._openapi_v3_docs:
             self._openapi_v3_docs[gv] = openapi.openapi_v3_group_version(
                 self.registry, self.schemas, gv[0], gv[1])
         doc = self._openapi_v3_docs[gv]
         if doc is None:
-            raise NotFound("the server could not find the requested resource")
+            raise _unknown_resource()
         return json_response(doc)
 
     def parse_target(self, group: str, version: str, segs: list[str]) -> Target:
-        unknown = NotFound("the server could not find the requested resource")
         if segs and segs[0] == "watch":
             segs = segs[1:]
         ns: str | None = None
@@ -309,12 +308,12 @@ class ApiServer:
             ns = segs[1]
             segs = segs[2:]
         if not segs or len(segs) > 3:
-            raise unknown
+            raise _unknown_resource()
         kind = self.registry.by_resource(group, version, segs[0])
         if kind is None:
-            raise unknown
+            raise _unknown_resource()
         if ns is None and kind.namespaced and len(segs) > 1:
-            raise unknown
+            raise _unknown_resource()
         name = segs[1] if len(segs) > 1 else None
         sub = segs[2] if len(segs) > 2 else ""
         if sub and not (
@@ -322,7 +321,7 @@ class ApiServer:
             or (sub == "finalize" and kind.group == "" and kind.kind == "Namespace")
             or (kind.group, kind.plural, sub) in self.extra_subresources
         ):
-            raise unknown
+            raise _unknown_resource()
         return Target(kind, ns, name, sub)
 
     # ---- the verbs -----------------------------------------------------------------------------
@@ -493,3 +492,7 @@ class ApiServer:
                              table_version=wants_table(request),
                              include_object=self._include(request))
         return await stream.serve()
+
+
+def _unknown_resource() -> NotFound:
+    return NotFound("the server could not find the requested resource")

@@ -11,7 +11,6 @@ from __future__ import annotations
 import functools
 import math
 import re
-from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any
 
@@ -35,12 +34,22 @@ DECIMAL_SI = "DecimalSI"
 DECIMAL_EXPONENT = "DecimalExponent"
 
 
-@dataclass(frozen=True)
 class Quantity:
-    """An exact quantity and the format it was written in."""
+    """An exact quantity and the format it was written in. Immutable; equal when the amount and
+    the format are."""
 
-    amount: Fraction
-    format: str
+    __slots__ = ("_milli_value", "_value", "amount", "format")
+
+    def __init__(self, amount: Fraction, format: str) -> None:
+        self.amount = amount
+        self.format = format
+        # Admission asks for these many times; parsed quantities are shared (see _parse_text).
+        if amount.denominator == 1:  # the usual case, without Fraction arithmetic
+            self._value = amount.numerator
+            self._milli_value = amount.numerator * 1000
+        else:
+            self._value = _round_up(amount)
+            self._milli_value = _round_up(amount * 1000)
 
     def value(self) -> int:
         """The value rounded up to an integer (``resource.Quantity.Value``)."""
@@ -49,18 +58,19 @@ class Quantity:
     def milli_value(self) -> int:
         return self._milli_value
 
-    # Computed once per quantity: parsed quantities are shared (see _parse_text) and admission
-    # asks for the same values many times.
-    @functools.cached_property
-    def _value(self) -> int:
-        return _round_up(self.amount)
-
-    @functools.cached_property
-    def _milli_value(self) -> int:
-        return _round_up(self.amount * 1000)
-
     def is_zero(self) -> bool:
         return self.amount == 0
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Quantity):
+            return NotImplemented
+        return self.amount == other.amount and self.format == other.format
+
+    def __hash__(self) -> int:
+        return hash((self.amount, self.format))
+
+    def __repr__(self) -> str:
+        return f"Quantity(amount={self.amount!r}, format={self.format!r})"
 
     def __str__(self) -> str:
         return canonical(self)
