@@ -187,7 +187,8 @@ def _remove_directives(value: Any) -> Any:
                 out[k] = cleaned
         return out
     if isinstance(value, list):
-        return [c for c in (_remove_directives(v) for v in value) if c is not _DROP]
+        cleaned = [_remove_directives(v) for v in value]
+        return [c for c in cleaned if c is not _DROP]
     return value
 
 

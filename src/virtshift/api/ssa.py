@@ -86,10 +86,10 @@ _STRIPPED: Final[FieldSet] = frozenset({
     ("f:apiVersion",),
     ("f:kind",),
     ("f:metadata",),
-    *(("f:metadata", f"f:{name}") for name in (
+    *[("f:metadata", f"f:{name}") for name in (
         "name", "namespace", "creationTimestamp", "selfLink", "uid", "clusterName",
         "generation", "managedFields", "resourceVersion", "deletionTimestamp",
-        "deletionGracePeriodSeconds")),
+        "deletionGracePeriodSeconds")],
 })
 
 # The non-pointer structs a typed built-in object always carries (Go serializes them as {}),

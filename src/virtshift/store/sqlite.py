@@ -42,7 +42,8 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from virtshift.errors import Compacted, KeyExists, KeyNotFound, RevisionMismatch, StoreError
+from virtshift.errors import Compacted, StoreError
+from virtshift.store import sqlitebatch
 from virtshift.store.base import Event, ListResult, Record, Value
 from virtshift.store.sqliteparts import (
     _BatchResult,
@@ -86,7 +87,6 @@ INSERT OR IGNORE INTO meta (name, value) VALUES ('schema', 1), ('revision', 0), 
 """
 
 _MAX_BATCH = 1000  # ops per group-commit transaction
-_KEY_TAKEN = (sqlite3.SQLITE_CONSTRAINT_PRIMARYKEY, sqlite3.SQLITE_CONSTRAINT_UNIQUE)
 _HISTORY_PAGE = 1000  # events read per query while replaying a watch
 _VACUUM_MIN_FREE_PAGES = 256  # run incremental_vacuum after a compaction above this
 
@@ -596,26 +596,18 @@ class SqliteStore:
         try:
             conn.execute("BEGIN IMMEDIATE")
             if self.shared:  # other processes may have written since this one last did
-                self._w_revision = _meta(conn, "revision")
-                self._w_compacted = _meta(conn, "compacted")
+                meta = dict(conn.execute("SELECT name, value FROM meta"
+                                         " WHERE name IN ('revision', 'compacted')").fetchall())
+                self._w_revision = int(meta.get("revision", 0))
+                self._w_compacted = int(meta.get("compacted", 0))
             start_rev, start_compacted = self._w_revision, self._w_compacted
-            for op in batch:
-                try:
-                    value, event, deleted = self._apply(conn, op)
-                except StoreError as exc:
-                    result.outcomes.append((op.future, None, exc))
-                    continue
-                result.outcomes.append((op.future, value, None))
-                compacted_rows += deleted
-                if event is not None:
-                    result.events.append(event)
-            if result.events:
-                conn.executemany(
-                    "INSERT INTO events (revision, key, type, value, prev_value, create_revision)"
-                    " VALUES (?, ?, ?, ?, ?, ?)",
-                    [(e.revision, e.key, e.type, e.value, e.prev_value, e.create_revision)
-                     for e in result.events],
-                )
+            planned = sqlitebatch.plan(batch, sqlitebatch.read_rows(conn, batch),
+                                       self._w_revision, self._w_compacted)
+            compacted_rows = sqlitebatch.write(conn, planned)
+            result.outcomes = [(op.future, value, exc)
+                               for op, (value, exc) in zip(batch, planned.outcomes, strict=True)]
+            result.events = planned.events
+            self._w_revision, self._w_compacted = planned.revision, planned.compacted
             if self._w_revision != start_rev:
                 conn.execute(
                     "UPDATE meta SET value = ? WHERE name = 'revision'", (self._w_revision,)
@@ -664,54 +656,6 @@ class SqliteStore:
         self._to_loop(self._complete_batch, result)
         if compacted_rows:
             self._incremental_vacuum()
-
-    def _apply(self, conn: sqlite3.Connection, op: _Op) -> tuple[Any, _RawEvent | None, int]:
-        """Apply one op inside the open transaction: (result, event, compacted rows)."""
-        if op.kind == "compact":
-            target = max(self._w_compacted, self._w_revision - op.keep)
-            deleted = 0
-            if target > self._w_compacted:
-                deleted = conn.execute("DELETE FROM events WHERE revision <= ?", (target,)).rowcount
-                self._w_compacted = target
-            return target, None, max(deleted, 0)
-
-        if op.kind == "create":
-            rev = self._w_revision + 1
-            try:  # the primary key refuses an existing key (only this statement is undone)
-                conn.execute(
-                    "INSERT INTO objects (key, value, revision, create_revision)"
-                    " VALUES (?, ?, ?, ?)",
-                    (op.key, op.value, rev, rev),
-                )
-            except sqlite3.IntegrityError as exc:
-                if exc.sqlite_errorcode not in _KEY_TAKEN:
-                    raise
-                raise KeyExists(f"key {op.key!r} exists") from None
-            event = _RawEvent(rev, "PUT", op.key, op.value, None, rev)
-            record = _RawRecord(op.key, op.value, rev, rev)
-        else:
-            row = conn.execute(
-                "SELECT value, revision, create_revision FROM objects WHERE key = ?", (op.key,)
-            ).fetchone()
-            if row is None:
-                raise KeyNotFound(f"key {op.key!r} not found")
-            old_value, old_rev, create_rev = row
-            if op.expected_revision is not None and op.expected_revision != old_rev:
-                raise RevisionMismatch(old_rev)
-            rev = self._w_revision + 1
-            if op.kind == "update":
-                conn.execute(
-                    "UPDATE objects SET value = ?, revision = ? WHERE key = ?",
-                    (op.value, rev, op.key),
-                )
-                event = _RawEvent(rev, "PUT", op.key, op.value, old_value, create_rev)
-                record = _RawRecord(op.key, op.value, rev, create_rev)
-            else:
-                conn.execute("DELETE FROM objects WHERE key = ?", (op.key,))
-                event = _RawEvent(rev, "DELETE", op.key, old_value, None, create_rev)
-                record = _RawRecord(op.key, old_value, rev, create_rev)
-        self._w_revision = rev  # its events row is written with the batch's (_run_batch)
-        return record, event, 0
 
     def _incremental_vacuum(self) -> None:
         conn = self._writer
