@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
 from collections.abc import Coroutine, Iterable
 from typing import Any
 
@@ -26,3 +27,12 @@ async def until_first(*coros: Coroutine[Any, Any, None]) -> None:
         await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
     finally:
         await stop_tasks(tasks)
+
+
+def stop_on_signals() -> asyncio.Event:
+    """An event set when the process gets SIGINT or SIGTERM (a component's way to stop)."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    return stop

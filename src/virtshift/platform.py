@@ -12,10 +12,10 @@ import sys
 from pathlib import Path
 
 from virtshift import nodenet
-from virtshift.aio import stop_tasks
+from virtshift.aio import stop_on_signals, stop_tasks
 from virtshift.apiserver.pki import ensure_node_cert
 from virtshift.apiserver.server import start_api_server
-from virtshift.apiserver.worker import check_workers, worker_argv
+from virtshift.apiserver.worker import check_workers, store_writer_argv, worker_argv
 
 log = logging.getLogger(__name__)
 
@@ -28,11 +28,18 @@ async def up(data_dir: Path, listen: str, *, nodes: int, accel: str,
     names = [nodenet.node_name(i) for i in range(1, nodes + 1)]
     mode = nodenet.choose_mode(node_network, nodes)
     net = await asyncio.to_thread(nodenet.prepare, data_dir, names) if mode == "netns" else None
+    # With several API processes, one process commits all their writes (sqliteremote.py); it
+    # runs before the API server, whose bootstrap writes through it, and stops after it.
+    writer = (ChildProcess("store writer", store_writer_argv(sys.executable, data_dir, store_url),
+                           data_dir / "store-writer.pid") if api_workers > 1 else None)
+    writer_task = asyncio.create_task(writer.run(), name=writer.name) if writer else None
     try:
         api = await start_api_server(data_dir, listen, store_url=store_url,
                                      node_address=net.gateway if net else None,
                                      workers=api_workers)
     except BaseException:
+        if writer_task is not None:
+            await stop_tasks([writer_task])
         if net is not None:
             await asyncio.to_thread(net.teardown)
         raise
@@ -75,15 +82,14 @@ async def up(data_dir: Path, listen: str, *, nodes: int, accel: str,
           flush=True)
     print(f"  virtshift node join --server {api.url} --token {api.join_token} "
           f"--ca-cert-hash {api.ca_cert_hash}", flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+    stop = stop_on_signals()
     try:
         await stop.wait()
     finally:
         await stop_tasks(tasks)
         await api.stop()
+        if writer_task is not None:
+            await stop_tasks([writer_task])
         if net is not None:
             kept = await asyncio.to_thread(net.teardown)
             if kept:

@@ -8,7 +8,10 @@ across processes; and the platform must survive kill -9 with its workers.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
+import os
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -126,9 +129,31 @@ def test_two_api_processes_share_the_store_and_watches(tmp_path: Path) -> None:
     try:
         worker = _wait_worker(p)
         asyncio.run(_exercise(p, worker))
+        # One store writer process commits the writes of both (store/sqliteremote.py).
+        assert "store writer serving" in p.log_text()
+        asyncio.run(_survive_writer_kill(p, int((p.data_dir / "store-writer.pid").read_text())))
     finally:
         p.stop()
     assert "Traceback" not in p.log_text()
+
+
+async def _survive_writer_kill(p: PlatformProcess, pid: int) -> None:
+    """kill -9 of the store writer: the platform restarts it and writes succeed again (those
+    in flight meanwhile fail with a 500, as with a store that went away)."""
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + DEADLINE
+    async with _session(p, fresh=True) as session:
+        for i in itertools.count():
+            body = {"apiVersion": "v1", "kind": "ConfigMap",
+                    "metadata": {"name": f"after-kill-{i}"}}
+            async with session.post(CM_URL, json=body) as r:
+                if r.status == 201:
+                    break
+                assert r.status == 500, await r.text()
+                assert (await r.json())["reason"] == "InternalError"
+            assert time.monotonic() < deadline, "no write succeeded after the writer restart"
+            await asyncio.sleep(0.1)
+    assert int((p.data_dir / "store-writer.pid").read_text()) != pid
 
 
 def test_api_workers_must_be_positive(tmp_path: Path) -> None:

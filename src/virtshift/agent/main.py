@@ -8,7 +8,6 @@ import datetime
 import logging
 import os
 import shutil
-import signal
 import ssl
 import subprocess
 from collections.abc import Mapping
@@ -23,7 +22,7 @@ from virtshift.agent.node import NodeFacts, node_object, node_status, rfc3339
 from virtshift.agent.populate import Populator
 from virtshift.agent.snapshot import SnapshotAgent
 from virtshift.agent.vmis import VMISync
-from virtshift.aio import stop_tasks
+from virtshift.aio import stop_on_signals, stop_tasks
 from virtshift.api.kinds import REGISTRY, KindInfo
 from virtshift.client import kubeconfig
 from virtshift.client.rest import Client
@@ -190,10 +189,7 @@ class NodeAgent:
         await site.start()
         sockets = getattr(site._server, "sockets", None) or []
         self.port = int(sockets[0].getsockname()[1]) if sockets else 0
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
+        stop = stop_on_signals()
         try:
             await self.register()
             log.info("node %s registered (accel %s, endpoint %s:%d)", self.config.node_name,

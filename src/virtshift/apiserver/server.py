@@ -65,20 +65,25 @@ def _env_number(name: str, default: float) -> float:
 def open_store(url: str | None, data_dir: Path, *, workers: int = 1,
                worker: bool = False) -> Store:
     """The store at ``url`` (default: ``DATA_DIR/store.db``). With more than one API server
-    process (``workers``), every process opens it shared; only the first owns it (its lock,
-    compaction and checkpoints)."""
+    process (``workers``), every process opens it shared and writes through the store writer
+    process; only the first owns it (its lock and compaction)."""
     # Tuning for tests and small machines: how many revisions of history watches can resume
     # from, and how often old history is compacted away.
     history = int(_env_number("VIRTSHIFT_STORE_HISTORY", 10000))
     interval = 0.0 if worker else _env_number("VIRTSHIFT_COMPACT_INTERVAL", 60.0)
+    shared = worker or workers > 1
+    # Shared, the writes go through the store writer process (store/sqliteremote.py).
+    return SqliteStore(store_path(url, data_dir), history=history, compact_interval=interval,
+                       shared=shared, lock=not worker, remote_writer=shared)
+
+
+def store_path(url: str | None, data_dir: Path) -> Path:
+    """The SQLite file of the store at ``url`` (default: ``DATA_DIR/store.db``)."""
     if not url:
-        path = data_dir / "store.db"
-    elif url.startswith("sqlite://"):
-        path = Path(url[len("sqlite://"):])
-    else:
-        raise ConfigurationError(f"unsupported --store {url!r}: use sqlite:///PATH")
-    return SqliteStore(path, history=history, compact_interval=interval,
-                       shared=worker or workers > 1, lock=not worker)
+        return data_dir / "store.db"
+    if url.startswith("sqlite://"):
+        return Path(url[len("sqlite://"):])
+    raise ConfigurationError(f"unsupported --store {url!r}: use sqlite:///PATH")
 
 
 @dataclass

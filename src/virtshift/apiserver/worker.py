@@ -11,14 +11,13 @@ publishes to its watchers what any process committed, in revision order.
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import signal
 import ssl
 from pathlib import Path
 
 from aiohttp import web
 
+from virtshift.aio import stop_on_signals
 from virtshift.apiserver.app import ApiServer
 from virtshift.apiserver.auth import TokenAuthenticator
 from virtshift.apiserver.pki import load_pki
@@ -43,6 +42,14 @@ def worker_argv(python: str, data_dir: Path, listening: tuple[str, ...],
     argv = [python, "-m", "virtshift.cli.main", "api-worker", "--data-dir", str(data_dir)]
     for address in listening:
         argv += ["--listen", address]
+    if store_url:
+        argv += ["--store", store_url]
+    return argv
+
+
+def store_writer_argv(python: str, data_dir: Path, store_url: str | None) -> list[str]:
+    """The command line of the store writer process of ``virtshift up --api-workers N``."""
+    argv = [python, "-m", "virtshift.cli.main", "store-writer", "--data-dir", str(data_dir)]
     if store_url:
         argv += ["--store", store_url]
     return argv
@@ -85,10 +92,7 @@ async def serve_worker(data_dir: Path, listening: list[str], store_url: str | No
                 raise ConfigurationError(f"cannot listen on {address}: {e.strerror or e}"
                                          ) from e
         log.info("API worker serving %s", ", ".join(listening))
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
+        stop = stop_on_signals()
         await stop.wait()
     finally:
         if runner is not None:

@@ -66,6 +66,18 @@ def _api_worker(args: argparse.Namespace) -> int:
     return 0
 
 
+def _store_writer(args: argparse.Namespace) -> int:
+    from virtshift.apiserver.server import store_path
+    from virtshift.store.sqliteremote import serve_writer
+
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s store-writer %(name)s: %(message)s",
+    )
+    uvloop.run(serve_writer(store_path(args.store, args.data_dir)))
+    return 0
+
+
 def _controller(args: argparse.Namespace) -> int:
     from virtshift.client import kubeconfig
     from virtshift.controller.manager import run
@@ -180,6 +192,12 @@ def parser() -> argparse.ArgumentParser:
     worker.add_argument("--store", default=None)
     worker.add_argument("-v", "--verbose", action="store_true")
     worker.set_defaults(func=_api_worker)
+    writer = sub.add_parser("store-writer", help="commit the writes of the API server "
+                            "processes (virtshift up --api-workers N starts it)")
+    writer.add_argument("--data-dir", type=Path, required=True)
+    writer.add_argument("--store", default=None)
+    writer.add_argument("-v", "--verbose", action="store_true")
+    writer.set_defaults(func=_store_writer)
     ctl = sub.add_parser("controller", help="run the controllers (virtshift up starts them)")
     ctl.add_argument("-v", "--verbose", action="store_true")
     ctl.set_defaults(func=_controller)

@@ -18,14 +18,13 @@ import contextlib
 import datetime
 import logging
 import random
-import signal
 from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 
-from virtshift.aio import stop_tasks
+from virtshift.aio import stop_on_signals, stop_tasks
 from virtshift.api.kinds import REGISTRY, KindInfo, Obj, Registry
 from virtshift.client import kubeconfig
 from virtshift.client.informer import Reflector
@@ -560,10 +559,7 @@ async def run_controllers(client: Client, registry: Registry) -> None:
 async def run(kubeconfig_path: Path) -> None:
     """The controller process (``virtshift controller``): every controller until SIGTERM."""
     client = Client(kubeconfig.load(kubeconfig_path), user_agent="virtshift-controller")
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+    stop = stop_on_signals()
     task = asyncio.create_task(run_controllers(client, REGISTRY), name="controllers")
     waiter = asyncio.create_task(stop.wait())
     try:

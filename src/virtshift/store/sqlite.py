@@ -40,7 +40,7 @@ import sqlite3
 import threading
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from virtshift.errors import Compacted, StoreError
 from virtshift.store import sqlitebatch
@@ -61,6 +61,9 @@ from virtshift.store.sqliteparts import (
     _Watcher,
 )
 from virtshift.store.sqliteshare import Notifier, owner_lock
+
+if TYPE_CHECKING:
+    from virtshift.store.sqliteremote import WriterClient
 
 logger = logging.getLogger(__name__)
 
@@ -111,6 +114,7 @@ class SqliteStore:
         shared: bool = False,
         lock: bool = True,
         poll_interval: float = 0.1,
+        remote_writer: bool = False,
     ) -> None:
         if history < 0:
             raise ValueError("history must be >= 0")
@@ -123,6 +127,9 @@ class SqliteStore:
         self.shared = shared
         self.lock = lock
         self.poll_interval = poll_interval
+        # Shared mode: writes go to the store writer process (store/sqliteremote.py).
+        self.remote_writer = remote_writer and shared
+        self._remote: WriterClient | None = None
         self._poller: asyncio.Task[None] | None = None
         self._wlock_fd: int | None = None  # shared mode: taken around each write transaction
         self._notifier: Notifier | None = None  # shared mode: wake-ups from the other processes
@@ -177,6 +184,11 @@ class SqliteStore:
             target=self._writer_main, name=f"sqlite-writer:{self.path.name}", daemon=True
         )
         self._thread.start()
+        if self.remote_writer:
+            from virtshift.store.sqliteremote import WriterClient, writer_socket
+
+            self._remote = WriterClient(writer_socket(self.path.resolve()), self._complete_batch)
+            self._remote.start()
         self._started = True
         if self.compact_interval > 0:
             self._compactor = asyncio.create_task(
@@ -211,6 +223,9 @@ class SqliteStore:
         self._compactor = self._poller = None
         if self._notifier is not None:
             self._notifier.close()
+        if self._remote is not None:
+            await self._remote.drain(within=10)
+            await self._remote.close()
         self._ops.put(None)  # the writer finishes everything queued before this, then exits
         if self._writer_done is not None:
             await self._writer_done
@@ -280,7 +295,10 @@ class SqliteStore:
             _check_utf8(fields["key"], "key")
         assert self._loop is not None
         fut: asyncio.Future[Any] = self._loop.create_future()
-        self._ops.put(_Op(kind=kind, future=fut, **fields))
+        if self._remote is not None:
+            await self._remote.send(_Op(kind=kind, future=fut, **fields))
+        else:
+            self._ops.put(_Op(kind=kind, future=fut, **fields))
         return await fut
 
     # --- reads ----------------------------------------------------------------------------------

@@ -15,24 +15,35 @@ import contextlib
 import fcntl
 import hashlib
 import os
+import re
 import secrets
 import socket
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 from virtshift.errors import StoreError
 
+_INBOX_NAME = re.compile(r"^[0-9]+-[0-9a-f]{8}$")  # the directory holds other files too
+_RELIST_SECONDS = 1.0
+
 
 def owner_lock(store_path: Path) -> int:
     """Take the exclusive ``flock`` on ``<store>.lock`` that makes a process the file's one
     owner (or its only user); the returned descriptor holds it until closed."""
-    fd = os.open(f"{store_path}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    return exclusive_lock(f"{store_path}.lock", f"{store_path} is in use by another store")
+
+
+def exclusive_lock(path: str, taken: str) -> int:
+    """An exclusive ``flock`` on ``path`` (created), held until the descriptor is closed;
+    StoreError(``taken``) when another process holds it."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        raise StoreError(f"{store_path} is in use by another store") from None
+        raise StoreError(taken) from None
     return fd
 
 
@@ -49,13 +60,15 @@ class Notifier:
         self.inbox: socket.socket | None = None
         self._outbox: socket.socket | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._targets: list[Path] = []  # the stores' inboxes, listed at most once a second
+        self._listed_at = 0.0
 
     def open(self, loop: asyncio.AbstractEventLoop, on_wake: Callable[[], None]) -> None:
         """Bind this store's socket and call ``on_wake`` on ``loop`` when it is woken."""
         self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         inbox = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         inbox.setblocking(False)
-        path = self.dir / f"{os.getpid()}-{secrets.token_hex(4)}"
+        path = self.dir / f"{os.getpid()}-{secrets.token_hex(4)}"  # (see _INBOX_NAME)
         try:
             inbox.bind(str(path))
         except OSError:
@@ -78,12 +91,15 @@ class Notifier:
         """Wake every other store on the file. Writer thread; never raises."""
         if self._outbox is None:
             return
-        try:
-            names = os.listdir(self.dir)
-        except OSError:
-            return
-        for name in names:
-            target = self.dir / name
+        now = time.monotonic()
+        if now - self._listed_at > _RELIST_SECONDS:  # a new store waits for this (or its poll)
+            try:
+                self._targets = [self.dir / name for name in os.listdir(self.dir)
+                                 if _INBOX_NAME.match(name)]
+            except OSError:
+                return
+            self._listed_at = now
+        for target in self._targets:
             if target == self.path:
                 continue
             try:
@@ -91,6 +107,7 @@ class Notifier:
             except (ConnectionRefusedError, FileNotFoundError):
                 with contextlib.suppress(OSError):
                     target.unlink()  # left behind by a process that died
+                self._listed_at = 0.0
             except OSError:
                 pass  # its queue is full (it has wake-ups pending) or it is going away
 
