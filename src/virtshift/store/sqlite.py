@@ -480,6 +480,11 @@ class SqliteStore:
         if self._closing or self._reader is None:
             return
         conn = self._reader
+        if not self._watchers:  # nobody to publish to: only learn where the file is
+            meta = dict(conn.execute("SELECT name, value FROM meta").fetchall())
+            self._revision = max(self._revision, int(meta.get("revision", 0)))
+            self._compacted = max(self._compacted, int(meta.get("compacted", 0)))
+            return
         while True:
             ranges = [_range_sql(prefix) for prefix in self._watchers]
             conn.execute("BEGIN")
