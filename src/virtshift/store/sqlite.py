@@ -179,16 +179,17 @@ class SqliteStore:
             raise
         self._revision = self._w_revision
         self._compacted = self._w_compacted
-        self._writer_done = self._loop.create_future()
-        self._thread = threading.Thread(
-            target=self._writer_main, name=f"sqlite-writer:{self.path.name}", daemon=True
-        )
-        self._thread.start()
         if self.remote_writer:
             from virtshift.store.sqliteremote import WriterClient, writer_socket
 
             self._remote = WriterClient(writer_socket(self.path.resolve()), self._complete_batch)
             self._remote.start()
+        elif self._writes_in_thread():
+            self._writer_done = self._loop.create_future()
+            self._thread = threading.Thread(
+                target=self._writer_main, name=f"sqlite-writer:{self.path.name}", daemon=True
+            )
+            self._thread.start()
         self._started = True
         if self.compact_interval > 0:
             self._compactor = asyncio.create_task(
@@ -226,13 +227,15 @@ class SqliteStore:
         if self._remote is not None:
             await self._remote.drain(within=10)
             await self._remote.close()
-        self._ops.put(None)  # the writer finishes everything queued before this, then exits
-        if self._writer_done is not None:
-            await self._writer_done
         if self._thread is not None:
+            self._ops.put(None)  # the writer finishes everything queued before this, then exits
+            if self._writer_done is not None:
+                await self._writer_done
             self._thread.join(timeout=5)
             if self._thread.is_alive():
                 logger.error("sqlite writer thread for %s did not exit", self.path)
+        else:
+            self._checkpoint()  # what the writer thread does last
         self._end_watches()
         self._close_connections()
         self._release_lock()
@@ -579,6 +582,11 @@ class SqliteStore:
             self._writer_dead = True
             self._fail_pending()
             self._to_loop(self._writer_finished)
+
+    def _writes_in_thread(self) -> bool:
+        """Whether a writer thread applies this store's ops (the store writer process's store
+        applies them on its event loop instead)."""
+        return True
 
     def _writer_finished(self) -> None:
         if self._writer_done is not None and not self._writer_done.done():

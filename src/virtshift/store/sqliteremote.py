@@ -30,7 +30,6 @@ import logging
 import marshal
 import os
 import struct
-import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -198,7 +197,6 @@ class _WriterStore(SqliteStore):
         super().__init__(path, shared=True, lock=False, compact_interval=0)
         self.owners: dict[asyncio.Future[Any], tuple[asyncio.StreamWriter, int]] = {}
         self._queued: list[_Op] = []
-        self._loop_thread = threading.get_ident()  # made in the process's event loop thread
 
     def submit(self, writer: asyncio.StreamWriter, request: Any) -> None:
         """Queue one op; what arrived in one turn of the event loop commits together."""
@@ -212,17 +210,18 @@ class _WriterStore(SqliteStore):
             self._loop.call_soon(self._commit_queued)
 
     def _commit_queued(self) -> None:
-        # On the event loop thread, not the writer thread: this process has nothing else to
-        # do meanwhile (the next ops wait in the socket buffers), and nothing waits for the GIL.
+        # On the event loop thread (this store has no writer thread): the process has nothing
+        # else to do meanwhile (the next ops wait in the socket buffers), and nothing waits for
+        # the GIL.
         queued, self._queued = self._queued, []
         for i in range(0, len(queued), _MAX_BATCH):
             self._run_batch(queued[i:i + _MAX_BATCH])
 
+    def _writes_in_thread(self) -> bool:
+        return False
+
     def _to_loop(self, callback: Callable[..., object], *args: object) -> None:
-        if threading.get_ident() == self._loop_thread:
-            callback(*args)  # from _commit_queued: already on the loop
-        else:
-            super()._to_loop(callback, *args)  # the (idle) writer thread, when it exits
+        callback(*args)  # from _commit_queued: already on the loop
 
     def _complete_batch(self, result: _BatchResult) -> None:
         self._revision = max(self._revision, result.revision)
