@@ -58,6 +58,7 @@ from virtshift.store.sqliteparts import (
     _RawEvent,
     _RawRecord,
     _record,
+    _revisions,
     _Watcher,
 )
 from virtshift.store.sqliteshare import Notifier, owner_lock
@@ -484,16 +485,15 @@ class SqliteStore:
             return
         conn = self._reader
         if not self._watchers:  # nobody to publish to: only learn where the file is
-            meta = dict(conn.execute("SELECT name, value FROM meta").fetchall())
-            self._revision = max(self._revision, int(meta.get("revision", 0)))
-            self._compacted = max(self._compacted, int(meta.get("compacted", 0)))
+            revision, compacted = _revisions(conn)
+            self._revision = max(self._revision, revision)
+            self._compacted = max(self._compacted, compacted)
             return
         while True:
             ranges = [_range_sql(prefix) for prefix in self._watchers]
             conn.execute("BEGIN")
             try:
-                top = _meta(conn, "revision")
-                compacted = _meta(conn, "compacted")
+                top, compacted = _revisions(conn)
                 rows = []
                 if ranges and top > self._revision and compacted <= self._revision:
                     rows = conn.execute(
@@ -627,10 +627,7 @@ class SqliteStore:
         try:
             conn.execute("BEGIN IMMEDIATE")
             if self.shared:  # other processes may have written since this one last did
-                meta = dict(conn.execute("SELECT name, value FROM meta"
-                                         " WHERE name IN ('revision', 'compacted')").fetchall())
-                self._w_revision = int(meta.get("revision", 0))
-                self._w_compacted = int(meta.get("compacted", 0))
+                self._w_revision, self._w_compacted = _revisions(conn)
             start_rev, start_compacted = self._w_revision, self._w_compacted
             planned = sqlitebatch.plan(batch, sqlitebatch.read_rows(conn, batch),
                                        self._w_revision, self._w_compacted)

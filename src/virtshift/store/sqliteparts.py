@@ -67,6 +67,13 @@ def _meta(conn: sqlite3.Connection, name: str) -> int:
     return 0 if row is None else int(row[0])
 
 
+def _revisions(conn: sqlite3.Connection) -> tuple[int, int]:
+    """(revision, compacted revision) in one query."""
+    meta = dict(conn.execute(
+        "SELECT name, value FROM meta WHERE name IN ('revision', 'compacted')").fetchall())
+    return int(meta.get("revision", 0)), int(meta.get("compacted", 0))
+
+
 def _check_utf8(text: str, what: str) -> None:
     try:
         text.encode("utf-8")
