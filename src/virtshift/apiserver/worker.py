@@ -39,17 +39,20 @@ def worker_argv(python: str, data_dir: Path, listening: tuple[str, ...],
                 store_url: str | None) -> list[str]:
     """The command line of one worker serving ``listening`` (HOST:PORT, the first is the
     address clients use)."""
-    argv = [python, "-m", "virtshift.cli.main", "api-worker", "--data-dir", str(data_dir)]
+    argv = _component_argv(python, "api-worker", data_dir, store_url)
     for address in listening:
         argv += ["--listen", address]
-    if store_url:
-        argv += ["--store", store_url]
     return argv
 
 
 def store_writer_argv(python: str, data_dir: Path, store_url: str | None) -> list[str]:
     """The command line of the store writer process of ``virtshift up --api-workers N``."""
-    argv = [python, "-m", "virtshift.cli.main", "store-writer", "--data-dir", str(data_dir)]
+    return _component_argv(python, "store-writer", data_dir, store_url)
+
+
+def _component_argv(python: str, command: str, data_dir: Path,
+                    store_url: str | None) -> list[str]:
+    argv = [python, "-m", "virtshift.cli.main", command, "--data-dir", str(data_dir)]
     if store_url:
         argv += ["--store", store_url]
     return argv
